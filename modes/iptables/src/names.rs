@@ -59,10 +59,15 @@ impl ServiceChainNames {
 
 /// The KUBE-SEP- chain of one endpoint of a service port.
 pub fn endpoint_chain(name: &ServicePortName, protocol: Protocol, endpoint: &Endpoint) -> String {
-    format!(
-        "KUBE-SEP-{}",
-        port_proto_hash(name, protocol, Some(&endpoint.addr_string()))
-    )
+    endpoint_chain_for_addr(name, protocol, &endpoint.addr_string())
+}
+
+/// [`endpoint_chain`] for an endpoint already written as `ip:port`.
+pub fn endpoint_chain_for_addr(name: &ServicePortName, protocol: Protocol, addr: &str) -> String {
+    let mut chain = String::with_capacity(25);
+    chain.push_str("KUBE-SEP-");
+    chain.push_str(&port_proto_hash(name, protocol, Some(addr)));
+    chain
 }
 
 /// The first 16 characters of base32(sha256(name + protocol [+ endpoint])).

@@ -245,12 +245,26 @@ impl Renderer<'_> {
             None
         };
 
+        let cluster_names: Vec<EndpointNames> = eps
+            .cluster
+            .iter()
+            .map(|ep| EndpointNames::new(svc, ep))
+            .collect();
+        let local_names: Vec<EndpointNames> = eps
+            .local
+            .iter()
+            .map(|ep| match eps.cluster.iter().position(|c| c == ep) {
+                Some(i) => cluster_names[i].clone(),
+                None => EndpointNames::new(svc, ep),
+            })
+            .collect();
+
         if uses_cluster_chain {
             let mut chain = Chain::new(&chains.cluster);
             if *internal_chain == chains.cluster {
                 chain.rules.extend(internal_masquerade.take());
             }
-            self.endpoint_rules(&mut chain, svc, &name, &eps.cluster);
+            self.endpoint_rules(&mut chain, svc, &name, &cluster_names);
             group.chains.push(chain);
         }
         if uses_local_chain {
@@ -258,7 +272,7 @@ impl Renderer<'_> {
             if *internal_chain == chains.local {
                 chain.rules.extend(internal_masquerade.take());
             }
-            self.endpoint_rules(&mut chain, svc, &name, &eps.local);
+            self.endpoint_rules(&mut chain, svc, &name, &local_names);
             group.chains.push(chain);
         }
 
@@ -346,10 +360,19 @@ impl Renderer<'_> {
             group.chains.push(chain);
         }
 
-        for endpoint in eps.all_reachable() {
+        // Every endpoint this node can reach gets its chain: the union of both
+        // lists, in the order `EndpointSelection::all_reachable` gives.
+        for (i, names) in cluster_names.iter().enumerate() {
             group
                 .chains
-                .push(self.endpoint_chain(svc, &name, &endpoint));
+                .push(self.endpoint_chain(svc, &name, &eps.cluster[i], names));
+        }
+        for (i, names) in local_names.iter().enumerate() {
+            if !eps.cluster.contains(&eps.local[i]) {
+                group
+                    .chains
+                    .push(self.endpoint_chain(svc, &name, &eps.local[i], names));
+            }
         }
 
         if !group.chains.is_empty() {
@@ -388,47 +411,54 @@ impl Renderer<'_> {
         chain: &mut Chain,
         svc: &ServicePort,
         name: &str,
-        endpoints: &[Endpoint],
+        endpoints: &[EndpointNames],
     ) {
-        let proto = svc.protocol;
-        let comment = |ep: &Endpoint| format!("{name} -> {}", ep.addr_string());
+        let with_comments = self.endpoint_comments;
+        let comment = |line: Line, ep: &EndpointNames| {
+            if with_comments {
+                line.comment_parts(&[name, " -> ", &ep.addr])
+            } else {
+                line
+            }
+        };
         if let SessionAffinity::ClientIp { timeout_seconds } = svc.session_affinity {
+            let seconds = timeout_seconds.to_string();
             for ep in endpoints {
-                let sep = names::endpoint_chain(&svc.name, proto, ep);
-                let mut line = Line::new();
-                if self.endpoint_comments {
-                    line = line.comment(&comment(ep));
-                }
                 chain.rules.push(
-                    line.matches(&format!(
-                        "-m recent --rcheck --seconds {timeout_seconds} --reap --name {sep} {}",
-                        self.recent_mask()
-                    ))
-                    .jump(&sep),
+                    comment(Line::new(), ep)
+                        .matches_parts(&[
+                            "-m recent --rcheck --seconds ",
+                            &seconds,
+                            " --reap --name ",
+                            &ep.chain,
+                            " ",
+                            self.recent_mask(),
+                        ])
+                        .jump(&ep.chain),
                 );
             }
         }
         let count = endpoints.len();
         for (i, ep) in endpoints.iter().enumerate() {
-            let sep = names::endpoint_chain(&svc.name, proto, ep);
-            let mut line = Line::new();
-            if self.endpoint_comments {
-                line = line.comment(&comment(ep));
-            }
+            let mut line = comment(Line::new(), ep);
             if i + 1 < count {
                 let probability = self.probability(count - i);
-                line = line.matches(&format!(
-                    "-m statistic --mode random --probability {probability}"
-                ));
+                line =
+                    line.matches_parts(&["-m statistic --mode random --probability ", probability]);
             }
-            chain.rules.push(line.jump(&sep));
+            chain.rules.push(line.jump(&ep.chain));
         }
     }
 
     /// A KUBE-SEP chain: hairpin masquerade, then DNAT.
-    fn endpoint_chain(&self, svc: &ServicePort, name: &str, ep: &Endpoint) -> Chain {
-        let sep = names::endpoint_chain(&svc.name, svc.protocol, ep);
-        let mut chain = Chain::new(&sep);
+    fn endpoint_chain(
+        &self,
+        svc: &ServicePort,
+        name: &str,
+        ep: &Endpoint,
+        names: &EndpointNames,
+    ) -> Chain {
+        let mut chain = Chain::new(&names.chain);
         let comment = |line: Line| {
             if self.endpoint_comments {
                 line.comment(name)
@@ -443,14 +473,16 @@ impl Renderer<'_> {
             .push(comment(Line::new().src(false, host_net(ep.ip))).jump(KUBE_MARK_MASQ));
         let mut dnat = comment(Line::new().proto(svc.protocol));
         if matches!(svc.session_affinity, SessionAffinity::ClientIp { .. }) {
-            dnat = dnat.matches(&format!(
-                "-m recent --set --name {sep} {}",
-                self.recent_mask()
-            ));
+            dnat = dnat.matches_parts(&[
+                "-m recent --set --name ",
+                &names.chain,
+                " ",
+                self.recent_mask(),
+            ]);
         }
         chain.rules.push(
-            dnat.matches(&format!("-m {}", svc.protocol))
-                .jump(&format!("DNAT --to-destination {}", ep.addr_string())),
+            dnat.matches_parts(&["-m ", svc.protocol.as_str()])
+                .jump_parts(&["DNAT --to-destination ", &names.addr]),
         );
         chain
     }
@@ -662,6 +694,22 @@ impl Renderer<'_> {
     }
 }
 
+/// An endpoint's `ip:port` and KUBE-SEP chain name, computed once per service
+/// port: both the service chain and the endpoint chain use them.
+#[derive(Clone)]
+struct EndpointNames {
+    addr: String,
+    chain: String,
+}
+
+impl EndpointNames {
+    fn new(svc: &ServicePort, ep: &Endpoint) -> Self {
+        let addr = ep.addr_string();
+        let chain = names::endpoint_chain_for_addr(&svc.name, svc.protocol, &addr);
+        EndpointNames { addr, chain }
+    }
+}
+
 fn chain_with(name: &str, rules: Vec<String>) -> Chain {
     Chain {
         name: name.to_string(),
@@ -785,10 +833,15 @@ impl Line {
         self
     }
 
-    fn comment(mut self, comment: &str) -> Line {
+    fn comment(self, comment: &str) -> Line {
+        self.comment_parts(&[comment])
+    }
+
+    /// A comment made of `parts`, joined without allocating.
+    fn comment_parts(mut self, parts: &[&str]) -> Line {
         self.segment(Stage::Matches);
         self.text.push_str("-m comment --comment ");
-        push_save_string(&mut self.text, comment);
+        push_save_string(&mut self.text, parts);
         self
     }
 
@@ -798,18 +851,30 @@ impl Line {
         self
     }
 
-    fn matches(mut self, matches: &str) -> Line {
+    fn matches(self, matches: &str) -> Line {
+        self.matches_parts(&[matches])
+    }
+
+    fn matches_parts(mut self, parts: &[&str]) -> Line {
         self.segment(Stage::Matches);
-        self.text.push_str(matches);
+        for part in parts {
+            self.text.push_str(part);
+        }
         self
     }
 
-    fn jump(mut self, target: &str) -> String {
+    fn jump(self, target: &str) -> String {
+        self.jump_parts(&[target])
+    }
+
+    fn jump_parts(mut self, parts: &[&str]) -> String {
         if !self.text.is_empty() {
             self.text.push(' ');
         }
         self.text.push_str("-j ");
-        self.text.push_str(target);
+        for part in parts {
+            self.text.push_str(part);
+        }
         self.text
     }
 
@@ -819,24 +884,31 @@ impl Line {
     }
 }
 
-/// Appends `value` as `iptables-save` prints a string option: bare when it is
-/// only letters, digits, `_` and `-`, else double-quoted with `"`, `\` and `'`
-/// escaped.
-fn push_save_string(out: &mut String, value: &str) {
-    let bare = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+/// Appends the concatenation of `parts` as `iptables-save` prints a string
+/// option: bare when it is only letters, digits, `_` and `-`, else
+/// double-quoted with `"`, `\` and `'` escaped.
+fn push_save_string(out: &mut String, parts: &[&str]) {
+    let bare = parts.iter().any(|p| !p.is_empty())
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        });
     if bare {
-        out.push_str(value);
+        parts.iter().for_each(|p| out.push_str(p));
         return;
     }
     out.push('"');
-    for c in value.chars() {
-        if matches!(c, '"' | '\\' | '\'') {
-            out.push('\\');
+    for part in parts {
+        if part.contains(['"', '\\', '\'']) {
+            for c in part.chars() {
+                if matches!(c, '"' | '\\' | '\'') {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+        } else {
+            out.push_str(part);
         }
-        out.push(c);
     }
     out.push('"');
 }
@@ -1036,11 +1108,11 @@ mod tests {
     #[test]
     fn save_strings_are_quoted_like_iptables_save() {
         let mut s = String::new();
-        push_save_string(&mut s, "nocolon_1-2");
+        push_save_string(&mut s, &["nocolon_1", "-2"]);
         s.push(' ');
-        push_save_string(&mut s, "ns/a:b");
+        push_save_string(&mut s, &["ns/a", ":b"]);
         s.push(' ');
-        push_save_string(&mut s, "say \"hi\"");
+        push_save_string(&mut s, &["say \"hi\""]);
         assert_eq!(s, "nocolon_1-2 \"ns/a:b\" \"say \\\"hi\\\"\"");
     }
 }
