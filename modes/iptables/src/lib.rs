@@ -13,3 +13,11 @@ pub mod ruleset;
 
 pub use render::render;
 pub use ruleset::{Chain, Jump, Ruleset, ServiceChains, Table};
+
+pub mod apply;
+pub mod cleanup;
+pub mod error;
+pub mod exec;
+pub mod save;
+
+pub use error::Error;
