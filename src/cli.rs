@@ -1,0 +1,329 @@
+//! Command-line flags, named as kube-proxy names them.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use ipnet::IpNet;
+
+use crate::translate::{DetectLocal, NodeOptions, NodePortAddressesOption};
+
+/// kproxy: Kubernetes Services as iptables rules, a drop-in for kube-proxy.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "kproxy", version, about, max_term_width = 100)]
+pub struct Args {
+    /// Which proxy mode to program.
+    #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
+    pub mode: ProxyMode,
+
+    /// Print the rules kproxy would program, as `iptables-restore` input per
+    /// address family, and change nothing.
+    #[arg(long, conflicts_with = "cleanup")]
+    pub dry_run: bool,
+
+    /// Read Service, EndpointSlice and Node objects from this file (YAML or JSON,
+    /// as `kubectl get -o yaml|json` writes them; multi-document, `kind: List`)
+    /// or from every *.yaml, *.yml and *.json file of this directory. `-` reads
+    /// standard input. May be repeated.
+    #[arg(long = "from-file", value_name = "PATH", action = ArgAction::Append)]
+    pub from_file: Vec<PathBuf>,
+
+    /// Remove every chain and jump that kproxy or kube-proxy installed, then exit.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub cleanup: bool,
+
+    /// The name of this node [default: the host name, lower-cased; with
+    /// --from-file and exactly one Node object, that Node].
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub hostname_override: Option<String>,
+
+    /// The pods' CIDRs, comma-separated (IPv4 and/or IPv6). Traffic from outside
+    /// them to a ClusterIP is masqueraded (with --detect-local-mode ClusterCIDR).
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    pub cluster_cidr: Vec<IpNet>,
+
+    /// How to tell traffic from local pods [default: ClusterCIDR].
+    #[arg(long, value_enum, ignore_case = true, value_name = "MODE")]
+    pub detect_local_mode: Option<DetectLocalMode>,
+
+    /// The bridge the pods are attached to (--detect-local-mode BridgeInterface),
+    /// e.g. Flannel's `cni0`.
+    #[arg(long, value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
+
+    /// The prefix of the pods' interfaces (--detect-local-mode
+    /// InterfaceNamePrefix), e.g. Calico's `cali`.
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+
+    /// Accept NodePort traffic only on the node addresses inside these CIDRs
+    /// (comma-separated), or `primary` for the node's primary IPs [default:
+    /// every local address].
+    #[arg(long, value_name = "CIDRS|primary")]
+    pub nodeport_addresses: Option<NodePortAddressesArg>,
+
+    /// Masquerade all traffic to service IPs, whatever its source.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub masquerade_all: bool,
+
+    /// The bit of the packet mark that requests masquerading (0-31).
+    #[arg(long, value_name = "N", default_value_t = 14,
+          value_parser = clap::value_parser!(u8).range(0..=31))]
+    pub iptables_masquerade_bit: u8,
+
+    /// Let NodePorts answer on 127.0.0.1 (IPv4 only).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
+    pub iptables_localhost_nodeports: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProxyMode {
+    Iptables,
+    Ipvs,
+}
+
+/// `--detect-local-mode`, spelled as kube-proxy spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DetectLocalMode {
+    #[value(name = "ClusterCIDR")]
+    ClusterCidr,
+    #[value(name = "NodeCIDR")]
+    NodeCidr,
+    #[value(name = "BridgeInterface")]
+    BridgeInterface,
+    #[value(name = "InterfaceNamePrefix")]
+    InterfaceNamePrefix,
+}
+
+/// `--nodeport-addresses`: CIDRs, or `primary`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePortAddressesArg {
+    Primary,
+    Cidrs(Vec<IpNet>),
+}
+
+impl FromStr for NodePortAddressesArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("primary") {
+            return Ok(NodePortAddressesArg::Primary);
+        }
+        let cidrs = s
+            .split(',')
+            .map(parse_cidr)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(NodePortAddressesArg::Cidrs(cidrs))
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|_| format!("{s:?} is not a CIDR (like 10.244.0.0/16 or fd00::/64)"))
+}
+
+impl Args {
+    /// The node-wide options translation needs, free of clap.
+    pub fn node_options(&self) -> NodeOptions {
+        let explicit = self.detect_local_mode.is_some();
+        let detect_local = match self
+            .detect_local_mode
+            .unwrap_or(DetectLocalMode::ClusterCidr)
+        {
+            DetectLocalMode::ClusterCidr => DetectLocal::ClusterCidr(self.cluster_cidr.clone()),
+            DetectLocalMode::NodeCidr => DetectLocal::NodeCidr,
+            DetectLocalMode::BridgeInterface => {
+                DetectLocal::BridgeInterface(non_empty(&self.pod_bridge_interface))
+            }
+            DetectLocalMode::InterfaceNamePrefix => {
+                DetectLocal::InterfaceNamePrefix(non_empty(&self.pod_interface_name_prefix))
+            }
+        };
+        NodeOptions {
+            detect_local,
+            detect_local_explicit: explicit,
+            nodeport_addresses: match &self.nodeport_addresses {
+                None => NodePortAddressesOption::All,
+                Some(NodePortAddressesArg::Primary) => NodePortAddressesOption::Primary,
+                Some(NodePortAddressesArg::Cidrs(c)) => NodePortAddressesOption::Cidrs(c.clone()),
+            },
+            masquerade_all: self.masquerade_all,
+            masquerade_bit: self.iptables_masquerade_bit,
+            localhost_nodeports: self.iptables_localhost_nodeports,
+        }
+    }
+
+    /// `--hostname-override` (or `NODE_NAME`) as upstream normalizes it, if set.
+    pub fn hostname(&self) -> Option<String> {
+        self.hostname_override
+            .as_deref()
+            .map(normalize_node_name)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// Node names compare lower-cased and trimmed, as upstream does.
+pub fn normalize_node_name(name: &str) -> String {
+    name.trim().to_lowercase()
+}
+
+fn non_empty(s: &Option<String>) -> Option<String> {
+    s.as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("kproxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_follow_kube_proxy() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.mode, ProxyMode::Iptables);
+        assert!(!a.dry_run && !a.cleanup && !a.masquerade_all);
+        assert_eq!(a.iptables_masquerade_bit, 14);
+        assert!(a.iptables_localhost_nodeports);
+        assert_eq!(a.nodeport_addresses, None);
+        let o = a.node_options();
+        assert_eq!(o.detect_local, DetectLocal::ClusterCidr(vec![]));
+        assert!(!o.detect_local_explicit);
+        assert_eq!(o.nodeport_addresses, NodePortAddressesOption::All);
+    }
+
+    #[test]
+    fn lists_are_comma_separated_and_files_repeat() {
+        let a = parse(&[
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/56",
+            "--from-file",
+            "a.yaml",
+            "--from-file=b",
+            "--nodeport-addresses",
+            "192.168.0.0/16, 10.0.0.0/8",
+        ])
+        .unwrap();
+        assert_eq!(a.cluster_cidr.len(), 2);
+        assert_eq!(
+            a.from_file,
+            vec![PathBuf::from("a.yaml"), PathBuf::from("b")]
+        );
+        assert_eq!(
+            a.nodeport_addresses,
+            Some(NodePortAddressesArg::Cidrs(vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]))
+        );
+    }
+
+    #[test]
+    fn cidrs_are_normalized_and_checked() {
+        let a = parse(&["--cluster-cidr", "10.244.3.7/16"]).unwrap();
+        assert_eq!(
+            a.cluster_cidr,
+            vec!["10.244.0.0/16".parse::<IpNet>().unwrap()]
+        );
+        assert!(parse(&["--cluster-cidr", "10.244.0.0"]).is_err());
+        assert!(parse(&["--nodeport-addresses", "nope"]).is_err());
+    }
+
+    #[test]
+    fn primary_is_a_nodeport_address_keyword() {
+        let a = parse(&["--nodeport-addresses", "primary"]).unwrap();
+        assert_eq!(a.nodeport_addresses, Some(NodePortAddressesArg::Primary));
+    }
+
+    #[test]
+    fn detect_local_modes_take_upstream_spelling() {
+        let a = parse(&[
+            "--detect-local-mode",
+            "BridgeInterface",
+            "--pod-bridge-interface",
+            "cni0",
+        ])
+        .unwrap();
+        let o = a.node_options();
+        assert_eq!(
+            o.detect_local,
+            DetectLocal::BridgeInterface(Some("cni0".into()))
+        );
+        assert!(o.detect_local_explicit);
+        let a = parse(&["--detect-local-mode", "InterfaceNamePrefix"]).unwrap();
+        assert_eq!(
+            a.node_options().detect_local,
+            DetectLocal::InterfaceNamePrefix(None)
+        );
+        assert!(parse(&["--detect-local-mode", "NodeCIDR"]).is_ok());
+        assert!(parse(&["--detect-local-mode", "Bogus"]).is_err());
+    }
+
+    #[test]
+    fn bools_take_values_like_kube_proxy() {
+        let a = parse(&[
+            "--masquerade-all",
+            "--iptables-localhost-nodeports",
+            "false",
+            "--cleanup=false",
+        ])
+        .unwrap();
+        assert!(a.masquerade_all);
+        assert!(!a.iptables_localhost_nodeports);
+        assert!(!a.cleanup);
+        assert!(
+            parse(&["--masquerade-all=false"])
+                .map(|a| !a.masquerade_all)
+                .unwrap()
+        );
+        assert!(parse(&["--cleanup"]).unwrap().cleanup);
+    }
+
+    #[test]
+    fn masquerade_bit_is_range_checked() {
+        assert_eq!(
+            parse(&["--iptables-masquerade-bit", "31"])
+                .unwrap()
+                .iptables_masquerade_bit,
+            31
+        );
+        assert!(parse(&["--iptables-masquerade-bit", "32"]).is_err());
+    }
+
+    #[test]
+    fn node_names_are_lower_cased() {
+        let a = parse(&["--hostname-override", " Node-A "]).unwrap();
+        assert_eq!(a.hostname().as_deref(), Some("node-a"));
+        let a = parse(&["--hostname-override", ""]).unwrap();
+        assert_eq!(a.hostname(), None);
+    }
+
+    #[test]
+    fn ipvs_mode_parses() {
+        assert_eq!(parse(&["--mode", "ipvs"]).unwrap().mode, ProxyMode::Ipvs);
+        assert!(parse(&["--mode", "userspace"]).is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! The one-shot run: read the cluster files, build the desired state, then
+//! print it (`--dry-run`) or program it; or clean up (`--cleanup`).
+
+use std::io::{self, BufWriter, Write};
+
+use anyhow::{Context, Result, bail};
+use kproxy_iptables::{Ruleset, exec::Iptables};
+use kproxy_model::{DesiredState, IpFamily};
+use tracing::{info, warn};
+
+use crate::cli::{Args, ProxyMode, normalize_node_name};
+use crate::inventory::Inventory;
+use crate::translate::{self, NodePortAddressesOption, Translation};
+use crate::{netif, source};
+
+pub fn run(args: Args) -> Result<()> {
+    if args.mode == ProxyMode::Ipvs {
+        bail!("--mode ipvs is not implemented yet; use --mode iptables");
+    }
+    if args.cleanup {
+        return cleanup();
+    }
+    if args.from_file.is_empty() {
+        bail!(
+            "nothing to read: pass --from-file PATH (a cluster file, a directory, or - for standard input)"
+        );
+    }
+
+    let mut inventory = Inventory::default();
+    source::load_files(&args.from_file, &mut inventory)
+        .context("cannot read the cluster files; nothing was applied")?;
+    let node_name = node_name(&args, &inventory)?;
+    if inventory.node(&node_name).is_none() {
+        warn!(
+            "no Node object named {node_name:?} in the files: this node has no zone (topology hints are ignored) and no known IPs"
+        );
+    }
+    let opts = args.node_options();
+    let local_addresses = match &opts.nodeport_addresses {
+        // A dry run describes the node in the files, not the machine it runs on.
+        NodePortAddressesOption::Cidrs(_) if !args.dry_run => netif::local_addresses()
+            .unwrap_or_else(|err| {
+                warn!("cannot list this machine's addresses for --nodeport-addresses: {err}");
+                Vec::new()
+            }),
+        _ => Vec::new(),
+    };
+
+    let Translation { state, summary } =
+        translate::translate(&inventory, &node_name, &opts, &local_addresses);
+    let counts = inventory.counts;
+    drop(inventory);
+    info!(
+        node = %node_name,
+        services = summary.services,
+        ipv4_service_ports = summary.service_ports_v4,
+        ipv6_service_ports = summary.service_ports_v6,
+        endpoints = summary.endpoints,
+        not_proxied = counts.not_proxied,
+        skipped = counts.skipped + summary.orphan_slices,
+        "desired state built from {} objects",
+        counts.objects
+    );
+
+    let families = families(&state);
+    if args.dry_run {
+        match print(&state, &families) {
+            // `kproxy --dry-run | head` is not an error.
+            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("cannot write the rules to standard output"),
+        }
+    } else {
+        apply(&state, &families)
+    }
+}
+
+/// `--hostname-override` / `NODE_NAME`; else the only Node in the files; else
+/// the host name.
+fn node_name(args: &Args, inventory: &Inventory) -> Result<String> {
+    if let Some(name) = args.hostname() {
+        return Ok(name);
+    }
+    if let Some(name) = inventory.only_node() {
+        info!(
+            "using {name:?}, the only Node in the files, as this node (--hostname-override chooses another)"
+        );
+        return Ok(name.to_string());
+    }
+    let host = netif::host_name().context("cannot read the host name; pass --hostname-override")?;
+    Ok(normalize_node_name(&host))
+}
+
+/// IPv4 always; IPv6 when some service has an IPv6 port.
+fn families(state: &DesiredState) -> Vec<IpFamily> {
+    let mut families = vec![IpFamily::V4];
+    if state.services_of(IpFamily::V6).next().is_some() {
+        families.push(IpFamily::V6);
+    }
+    families
+}
+
+fn print(state: &DesiredState, families: &[IpFamily]) -> io::Result<()> {
+    let stdout = io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
+    for &family in families {
+        let ruleset: Ruleset = kproxy_iptables::render(state, family);
+        writeln!(
+            out,
+            "# kproxy --dry-run: {family} {} --noflush input",
+            ruleset.restore_command()
+        )?;
+        ruleset.write_restore(&mut out)?;
+    }
+    out.flush()
+}
+
+fn apply(state: &DesiredState, families: &[IpFamily]) -> Result<()> {
+    for &family in families {
+        let ruleset = kproxy_iptables::render(state, family);
+        let ipt = Iptables::new(family);
+        let report = kproxy_iptables::apply::apply(&ipt, &ruleset)
+            .with_context(|| format!("cannot program the {family} rules"))?;
+        info!("{report}");
+    }
+    Ok(())
+}
+
+/// Cleans both families, even when one fails. A missing ip6tables is not an
+/// error: there is nothing to clean then.
+fn cleanup() -> Result<()> {
+    let mut failed = Vec::new();
+    for family in IpFamily::all() {
+        let ipt = Iptables::new(family);
+        match kproxy_iptables::cleanup::cleanup(&ipt) {
+            Ok(report) => info!("{report}"),
+            Err(err @ kproxy_iptables::Error::NotFound { .. }) if family == IpFamily::V6 => {
+                warn!("{family}: nothing cleaned: {err}");
+            }
+            Err(err) => {
+                warn!("{family}: cleanup failed: {err}");
+                failed.push(family.to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("cleanup failed for {}", failed.join(" and "));
+    }
+    Ok(())
+}
