@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use kproxy_iptables::render;
 use kproxy_model::{
     DesiredState, Endpoint, EndpointSelection, IpFamily, IpNet, LocalTrafficDetector,
-    NodePortAddresses, NodeSettings, Protocol, ServicePort, ServicePortName, SessionAffinity,
+    NodePortAddresses, NodeSettings, PerFamily, Protocol, ServicePort, ServicePortName,
+    SessionAffinity,
 };
 use support::tracer::{Fate, NodeModel, Packet, Tracer, Verdict};
 
@@ -434,7 +435,10 @@ fn node_port_on_localhost_can_be_turned_off() {
 #[test]
 fn node_port_addresses_limit_node_ports_to_those_ips() {
     let node = NodeSettings {
-        nodeport_addresses: NodePortAddresses::Ips(vec![NODE_IP.parse().unwrap()]),
+        nodeport_addresses: PerFamily {
+            v4: NodePortAddresses::Ips(vec![NODE_IP.parse().unwrap()]),
+            v6: NodePortAddresses::All,
+        },
         ..settings(cluster_cidr())
     };
     let t = tracer(vec![node_port_web(&[local_ep(L1), remote_ep(R1)])], node);

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kproxy_model::{DesiredState, IpFamily, NodePortAddresses, Protocol};
+use kproxy_model::{DesiredState, IpFamily, Protocol};
 use tracing::{debug, warn};
 
 use crate::inventory::Inventory;
@@ -129,35 +129,9 @@ pub fn translate(
     }
 
     let settings = node::settings(node, opts, local_addresses);
-    warn_on_partial_nodeport_cidrs(opts, &settings.nodeport_addresses, &summary);
     Translation {
         state: DesiredState::new(ports, settings),
         summary,
-    }
-}
-
-/// Upstream restricts NodePorts per family: a family without a CIDR in
-/// `--nodeport-addresses` accepts them on every address. The desired state
-/// has one list for both families, so say so when that matters.
-fn warn_on_partial_nodeport_cidrs(
-    opts: &NodeOptions,
-    addrs: &NodePortAddresses,
-    summary: &Summary,
-) {
-    let (NodePortAddressesOption::Cidrs(cidrs), NodePortAddresses::Ips(_)) =
-        (&opts.nodeport_addresses, addrs)
-    else {
-        return;
-    };
-    for (family, count) in [
-        (IpFamily::V4, summary.service_ports_v4),
-        (IpFamily::V6, summary.service_ports_v6),
-    ] {
-        if count > 0 && !cidrs.iter().any(|c| IpFamily::of_net(c) == family) {
-            warn!(
-                "--nodeport-addresses has no {family} CIDR: {family} NodePorts are served only on the listed addresses"
-            );
-        }
     }
 }
 

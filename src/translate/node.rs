@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
-use kproxy_model::{IpFamily, LocalTrafficDetector, NodePortAddresses, NodeSettings};
+use kproxy_model::{IpFamily, LocalTrafficDetector, NodePortAddresses, NodeSettings, PerFamily};
 use tracing::{info, warn};
 
 use super::{Digest, parse_ip};
@@ -200,51 +200,49 @@ fn local_detector(node: Option<&NodeInfo>, opts: &NodeOptions) -> LocalTrafficDe
     }
 }
 
+/// NodePort addresses per family, as upstream decides them: a family with no
+/// CIDR in `--nodeport-addresses`, or with a zero CIDR, accepts NodePorts on
+/// every address; otherwise only the node's addresses inside its CIDRs do.
 fn nodeport_addresses(
     node: Option<&NodeInfo>,
     node_ips: &[IpAddr],
     opts: &NodeOptions,
     local_addresses: &[IpAddr],
-) -> NodePortAddresses {
-    match &opts.nodeport_addresses {
-        NodePortAddressesOption::All => NodePortAddresses::All,
-        NodePortAddressesOption::Primary => {
-            if node_ips.is_empty() {
-                warn!(
-                    "--nodeport-addresses primary, but this node has no known IP: NodePorts are not served"
-                );
+) -> PerFamily<NodePortAddresses> {
+    PerFamily::new(|family| {
+        let of_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
+        match &opts.nodeport_addresses {
+            NodePortAddressesOption::All => NodePortAddresses::All,
+            NodePortAddressesOption::Primary => {
+                NodePortAddresses::Ips(node_ips.iter().filter(of_family).copied().collect())
             }
-            NodePortAddresses::Ips(node_ips.to_vec())
-        }
-        NodePortAddressesOption::Cidrs(cidrs) => {
-            // Upstream: a zero CIDR matches every address of its family.
-            if cidrs.iter().any(|c| c.prefix_len() == 0)
-                && IpFamily::all().iter().all(|f| {
-                    cidrs
-                        .iter()
-                        .any(|c| c.prefix_len() == 0 && IpFamily::of_net(c) == *f)
-                })
-            {
-                return NodePortAddresses::All;
-            }
-            let candidates = node
-                .into_iter()
-                .flat_map(|n| n.internal_ips.iter().chain(&n.external_ips))
-                .chain(local_addresses);
-            let mut ips: Vec<IpAddr> = Vec::new();
-            for ip in candidates {
-                if cidrs.iter().any(|c| c.contains(ip)) && !ips.contains(ip) {
-                    ips.push(*ip);
+            NodePortAddressesOption::Cidrs(cidrs) => {
+                let cidrs: Vec<&IpNet> = cidrs
+                    .iter()
+                    .filter(|c| IpFamily::of_net(c) == family)
+                    .collect();
+                if cidrs.is_empty() || cidrs.iter().any(|c| c.prefix_len() == 0) {
+                    return NodePortAddresses::All;
                 }
+                let candidates = node
+                    .into_iter()
+                    .flat_map(|n| n.internal_ips.iter().chain(&n.external_ips))
+                    .chain(local_addresses);
+                let mut ips: Vec<IpAddr> = Vec::new();
+                for ip in candidates {
+                    if cidrs.iter().any(|c| c.contains(ip)) && !ips.contains(ip) {
+                        ips.push(*ip);
+                    }
+                }
+                if ips.is_empty() {
+                    warn!(
+                        "no {family} address of this node is inside --nodeport-addresses: {family} NodePorts are not served"
+                    );
+                }
+                NodePortAddresses::Ips(ips)
             }
-            if ips.is_empty() {
-                warn!(
-                    "no address of this node is inside --nodeport-addresses: NodePorts are not served"
-                );
-            }
-            NodePortAddresses::Ips(ips)
         }
-    }
+    })
 }
 
 #[cfg(test)]
@@ -363,7 +361,7 @@ mod tests {
         let n = info(DUAL);
         assert_eq!(
             settings(Some(&n), &NodeOptions::default(), &[]).nodeport_addresses,
-            NodePortAddresses::All
+            PerFamily::default()
         );
     }
 
@@ -376,7 +374,10 @@ mod tests {
         };
         assert_eq!(
             settings(Some(&n), &opts, &[]).nodeport_addresses,
-            NodePortAddresses::Ips(vec![ip("192.168.10.2"), ip("fd00::2")])
+            PerFamily {
+                v4: NodePortAddresses::Ips(vec![ip("192.168.10.2")]),
+                v6: NodePortAddresses::Ips(vec![ip("fd00::2")]),
+            }
         );
     }
 
@@ -390,23 +391,34 @@ mod tests {
         let local = [ip("127.0.0.1"), ip("192.168.99.1"), ip("192.168.10.2")];
         assert_eq!(
             settings(Some(&n), &opts, &local).nodeport_addresses,
-            NodePortAddresses::Ips(vec![
-                ip("192.168.10.2"),
-                ip("192.168.10.3"),
-                ip("192.168.99.1")
-            ])
+            PerFamily {
+                v4: NodePortAddresses::Ips(vec![
+                    ip("192.168.10.2"),
+                    ip("192.168.10.3"),
+                    ip("192.168.99.1")
+                ]),
+                // No IPv6 CIDR given: every IPv6 address, as upstream.
+                v6: NodePortAddresses::All,
+            }
         );
     }
 
     #[test]
-    fn zero_nodeport_cidrs_of_both_families_mean_all() {
+    fn zero_nodeport_cidr_means_all_for_its_family() {
+        let n = info(DUAL);
         let opts = NodeOptions {
-            nodeport_addresses: NodePortAddressesOption::Cidrs(vec![net("0.0.0.0/0"), net("::/0")]),
+            nodeport_addresses: NodePortAddressesOption::Cidrs(vec![
+                net("0.0.0.0/0"),
+                net("fd00::/64"),
+            ]),
             ..NodeOptions::default()
         };
         assert_eq!(
-            settings(None, &opts, &[]).nodeport_addresses,
-            NodePortAddresses::All
+            settings(Some(&n), &opts, &[]).nodeport_addresses,
+            PerFamily {
+                v4: NodePortAddresses::All,
+                v6: NodePortAddresses::Ips(vec![ip("fd00::2")]),
+            }
         );
     }
 

@@ -630,7 +630,7 @@ impl Renderer<'_> {
     fn nodeports_jumps(&self) -> Vec<String> {
         const COMMENT: &str =
             "kubernetes service nodeports; NOTE: this must be the last rule in this chain";
-        match &self.node.nodeport_addresses {
+        match self.node.nodeport_addresses.get(self.family) {
             NodePortAddresses::All => {
                 let mut line = Line::new();
                 // Localhost NodePorts never work over IPv6, and over IPv4 only

@@ -250,8 +250,7 @@ fn ipv6_rules_round_trip_through_the_kernel() {
 #[test]
 fn nodeport_addresses_render_one_rule_per_address() {
     let mut state = every_shape(IpFamily::V4);
-    state.node.nodeport_addresses =
-        NodePortAddresses::Ips(ips(&["192.168.10.2", "127.0.0.1", "fd00::2"]));
+    state.node.nodeport_addresses.v4 = NodePortAddresses::Ips(ips(&["192.168.10.2", "127.0.0.1"]));
     state.node.localhost_nodeports = false;
     let ruleset = render(&state, IpFamily::V4);
     let services = &ruleset.nat[0];
@@ -263,4 +262,14 @@ fn nodeport_addresses_render_one_rule_per_address() {
     assert_eq!(tail.len(), 1, "{tail:?}");
     assert!(tail[0].starts_with("-d 192.168.10.2/32 "));
     assert_eq!(services.rules.last(), Some(tail[0]), "must stay last");
+
+    // A family without addresses of its own accepts NodePorts everywhere.
+    let mut state = every_shape(IpFamily::V6);
+    state.node.nodeport_addresses.v4 = NodePortAddresses::Ips(ips(&["192.168.10.2"]));
+    let ruleset = render(&state, IpFamily::V6);
+    let last = ruleset.nat[0].rules.last().unwrap();
+    assert!(
+        last.starts_with("! -d ::1/128 ") && last.contains("--dst-type LOCAL"),
+        "{last}"
+    );
 }

@@ -218,14 +218,39 @@ pub enum LocalTrafficDetector {
     InterfaceNamePrefix(String),
 }
 
-/// Which node addresses accept NodePort traffic.
+/// Which node addresses of one family accept NodePort traffic.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub enum NodePortAddresses {
-    /// Every local address (`--nodeport-addresses` unset).
+    /// Every local address: `--nodeport-addresses` is unset or names no CIDR
+    /// of this family, or a zero CIDR.
     #[default]
     All,
     /// Only these addresses: the node's addresses inside `--nodeport-addresses`.
     Ips(Vec<IpAddr>),
+}
+
+/// One value per address family.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PerFamily<T> {
+    pub v4: T,
+    pub v6: T,
+}
+
+impl<T> PerFamily<T> {
+    /// Builds both values with `make`.
+    pub fn new(mut make: impl FnMut(IpFamily) -> T) -> Self {
+        PerFamily {
+            v4: make(IpFamily::V4),
+            v6: make(IpFamily::V6),
+        }
+    }
+
+    pub fn get(&self, family: IpFamily) -> &T {
+        match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        }
+    }
 }
 
 /// Node-wide settings that shape every mode's rules.
@@ -233,7 +258,7 @@ pub enum NodePortAddresses {
 pub struct NodeSettings {
     /// The node's primary addresses, at most one per family, first match wins.
     pub node_ips: Vec<IpAddr>,
-    pub nodeport_addresses: NodePortAddresses,
+    pub nodeport_addresses: PerFamily<NodePortAddresses>,
     pub local_detector: LocalTrafficDetector,
     /// Masquerade all traffic to service IPs, whatever its source.
     pub masquerade_all: bool,
@@ -247,7 +272,7 @@ impl Default for NodeSettings {
     fn default() -> Self {
         NodeSettings {
             node_ips: Vec::new(),
-            nodeport_addresses: NodePortAddresses::All,
+            nodeport_addresses: PerFamily::default(),
             local_detector: LocalTrafficDetector::None,
             masquerade_all: false,
             masquerade_bit: 14,
