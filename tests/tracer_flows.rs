@@ -61,26 +61,18 @@ fn remote_ep(addr: &str) -> Endpoint {
 
 /// A TCP ClusterIP service port `ns1/<name>:http` with Cluster-policy endpoints.
 fn service(name: &str, cluster_ip: &str, port: u16, endpoints: &[Endpoint]) -> ServicePort {
-    let cluster_ip: std::net::IpAddr = cluster_ip.parse().unwrap();
     ServicePort {
-        name: ServicePortName::new("ns1", name, "http"),
-        protocol: Protocol::Tcp,
-        family: IpFamily::of(&cluster_ip),
-        cluster_ip,
-        port,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        internal_policy_local: false,
-        external_policy_local: false,
         endpoints: EndpointSelection {
             cluster: endpoints.to_vec(),
             local: vec![],
             has_any: !endpoints.is_empty(),
         },
+        ..ServicePort::new(
+            ServicePortName::new("ns1", name, "http"),
+            Protocol::Tcp,
+            cluster_ip.parse().unwrap(),
+            port,
+        )
     }
 }
 

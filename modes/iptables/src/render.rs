@@ -115,47 +115,39 @@ impl Renderer<'_> {
         // ClusterIP.
         let cluster_ip_comment = format!("{name} cluster IP");
         if has_internal {
-            self.shared.nat_services.push(
-                Line::new()
-                    .dst_host(svc.cluster_ip)
-                    .proto(proto)
-                    .comment(&cluster_ip_comment)
-                    .dport(proto, svc.port)
-                    .jump(internal_chain),
-            );
+            self.shared.nat_services.push(service_ip_rule(
+                svc,
+                svc.cluster_ip,
+                &cluster_ip_comment,
+                internal_chain,
+            ));
         } else {
-            self.shared.filter_services.push(
-                Line::new()
-                    .dst_host(svc.cluster_ip)
-                    .proto(proto)
-                    .comment(internal_filter.1)
-                    .dport(proto, svc.port)
-                    .jump(internal_filter.0),
-            );
+            self.shared.filter_services.push(service_ip_rule(
+                svc,
+                svc.cluster_ip,
+                internal_filter.1,
+                internal_filter.0,
+            ));
         }
 
         // External IPs.
         let external_ip_comment = format!("{name} external IP");
         for &ip in &svc.external_ips {
             if has_endpoints {
-                self.shared.nat_services.push(
-                    Line::new()
-                        .dst_host(ip)
-                        .proto(proto)
-                        .comment(&external_ip_comment)
-                        .dport(proto, svc.port)
-                        .jump(&chains.external),
-                );
+                self.shared.nat_services.push(service_ip_rule(
+                    svc,
+                    ip,
+                    &external_ip_comment,
+                    &chains.external,
+                ));
             }
             if !has_external {
-                self.shared.filter_external.push(
-                    Line::new()
-                        .dst_host(ip)
-                        .proto(proto)
-                        .comment(external_filter.1)
-                        .dport(proto, svc.port)
-                        .jump(external_filter.0),
-                );
+                self.shared.filter_external.push(service_ip_rule(
+                    svc,
+                    ip,
+                    external_filter.1,
+                    external_filter.0,
+                ));
             }
         }
 
@@ -164,36 +156,30 @@ impl Renderer<'_> {
         let firewall_comment = format!("{name} traffic not accepted by {}", chains.firewall);
         for &ip in &svc.load_balancer_ips {
             if has_endpoints {
-                self.shared.nat_services.push(
-                    Line::new()
-                        .dst_host(ip)
-                        .proto(proto)
-                        .comment(&load_balancer_comment)
-                        .dport(proto, svc.port)
-                        .jump(load_balancer_chain),
-                );
+                self.shared.nat_services.push(service_ip_rule(
+                    svc,
+                    ip,
+                    &load_balancer_comment,
+                    load_balancer_chain,
+                ));
             }
             if uses_firewall_chain {
-                self.shared.filter_firewall.push(
-                    Line::new()
-                        .dst_host(ip)
-                        .proto(proto)
-                        .comment(&firewall_comment)
-                        .dport(proto, svc.port)
-                        .jump("DROP"),
-                );
+                self.shared.filter_firewall.push(service_ip_rule(
+                    svc,
+                    ip,
+                    &firewall_comment,
+                    "DROP",
+                ));
             }
         }
         if !has_external {
             for &ip in &svc.load_balancer_ips {
-                self.shared.filter_external.push(
-                    Line::new()
-                        .dst_host(ip)
-                        .proto(proto)
-                        .comment(external_filter.1)
-                        .dport(proto, svc.port)
-                        .jump(external_filter.0),
-                );
+                self.shared.filter_external.push(service_ip_rule(
+                    svc,
+                    ip,
+                    external_filter.1,
+                    external_filter.0,
+                ));
             }
         }
 
@@ -710,6 +696,16 @@ impl EndpointNames {
     }
 }
 
+/// A rule for the service's protocol and port on one of its addresses.
+fn service_ip_rule(svc: &ServicePort, ip: IpAddr, comment: &str, target: &str) -> String {
+    Line::new()
+        .dst_host(ip)
+        .proto(svc.protocol)
+        .comment(comment)
+        .dport(svc.protocol, svc.port)
+        .jump(target)
+}
+
 fn chain_with(name: &str, rules: Vec<String>) -> Chain {
     Chain {
         name: name.to_string(),
@@ -929,24 +925,17 @@ mod tests {
 
     fn service(name: &str, cluster: Vec<Endpoint>) -> ServicePort {
         ServicePort {
-            name: ServicePortName::new("ns1", name, "p80"),
-            protocol: Protocol::Tcp,
-            family: IpFamily::V4,
-            cluster_ip: "10.96.0.10".parse().unwrap(),
-            port: 80,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            health_check_node_port: None,
-            session_affinity: SessionAffinity::None,
-            internal_policy_local: false,
-            external_policy_local: false,
             endpoints: EndpointSelection {
                 has_any: !cluster.is_empty(),
                 cluster,
                 local: vec![],
             },
+            ..ServicePort::new(
+                ServicePortName::new("ns1", name, "p80"),
+                Protocol::Tcp,
+                "10.96.0.10".parse().unwrap(),
+                80,
+            )
         }
     }
 

@@ -78,21 +78,13 @@ fn ips(list: &[&str]) -> Vec<IpAddr> {
 fn every_shape(family: IpFamily) -> DesiredState {
     let v4 = family == IpFamily::V4;
     let pick = |a: &'static str, b: &'static str| if v4 { a } else { b };
-    let base = |name: &str, cluster_ip: &str| ServicePort {
-        name: ServicePortName::new("demo", name, "http"),
-        protocol: Protocol::Tcp,
-        family,
-        cluster_ip: cluster_ip.parse().unwrap(),
-        port: 80,
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        health_check_node_port: None,
-        session_affinity: SessionAffinity::None,
-        internal_policy_local: false,
-        external_policy_local: false,
-        endpoints: EndpointSelection::default(),
+    let base = |name: &str, cluster_ip: &str| {
+        ServicePort::new(
+            ServicePortName::new("demo", name, "http"),
+            Protocol::Tcp,
+            cluster_ip.parse().unwrap(),
+            80,
+        )
     };
     let a = ep(pick("10.244.1.5", "fd00:10:244:1::5"), 8080, true);
     let b = ep(pick("10.244.2.6", "fd00:10:244:2::6"), 8080, false);

@@ -180,6 +180,27 @@ pub struct ServicePort {
 }
 
 impl ServicePort {
+    /// A ClusterIP-only port with no endpoints and default policies; the
+    /// family follows `cluster_ip`. Callers set the other fields they need.
+    pub fn new(name: ServicePortName, protocol: Protocol, cluster_ip: IpAddr, port: u16) -> Self {
+        ServicePort {
+            name,
+            protocol,
+            family: IpFamily::of(&cluster_ip),
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            health_check_node_port: None,
+            session_affinity: SessionAffinity::None,
+            internal_policy_local: false,
+            external_policy_local: false,
+            endpoints: EndpointSelection::default(),
+        }
+    }
+
     /// Reachable through a NodePort, an external IP or a load balancer.
     pub fn externally_accessible(&self) -> bool {
         self.node_port.is_some()
@@ -326,20 +347,15 @@ mod tests {
 
     fn port(local_itp: bool, local_etp: bool, node_port: Option<u16>) -> ServicePort {
         ServicePort {
-            name: ServicePortName::new("ns", "svc", "http"),
-            protocol: Protocol::Tcp,
-            family: IpFamily::V4,
-            cluster_ip: "10.96.0.1".parse().unwrap(),
-            port: 80,
             node_port,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            health_check_node_port: None,
-            session_affinity: SessionAffinity::None,
             internal_policy_local: local_itp,
             external_policy_local: local_etp,
-            endpoints: EndpointSelection::default(),
+            ..ServicePort::new(
+                ServicePortName::new("ns", "svc", "http"),
+                Protocol::Tcp,
+                "10.96.0.1".parse().unwrap(),
+                80,
+            )
         }
     }
 
