@@ -36,6 +36,16 @@ pub enum Error {
         stderr: String,
     },
 
+    /// `iptables -S CHAIN` failed for another reason than a missing chain.
+    #[error("{program} -t {table} -S {chain} failed ({status}): {stderr}")]
+    ListFailed {
+        program: String,
+        table: &'static str,
+        chain: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+
     /// `iptables-save` printed something kproxy does not understand.
     #[error("cannot read {program} -t {table} output, line {line}: {reason}")]
     SaveUnparseable {
@@ -97,6 +107,14 @@ pub(crate) fn failing_line_number(stderr: &str) -> Option<usize> {
         {
             return Some(n);
         }
+        // A rule that fails to apply (a `-D` of a rule that is not there):
+        // `iptables-restore: line N failed: Bad rule ...`.
+        if let Some((_, rest)) = line.split_once(": line ")
+            && let Some((n, _)) = rest.split_once(" failed")
+            && let Ok(n) = n.trim().parse()
+        {
+            return Some(n);
+        }
     }
     None
 }
@@ -142,6 +160,12 @@ mod tests {
         let stderr = "iptables-restore v1.8.9 (nf_tables): \n\
                       line 2: CHAIN_DEL failed (Device or resource busy): chain KUBE-Z\n";
         assert_eq!(failing_line_number(stderr), Some(2));
+    }
+
+    #[test]
+    fn finds_the_line_of_a_rule_that_does_not_apply() {
+        let stderr = "iptables-restore: line 15 failed: Bad rule (does a matching rule exist in that chain?).\n";
+        assert_eq!(failing_line_number(stderr), Some(15));
     }
 
     #[test]

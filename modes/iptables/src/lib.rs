@@ -15,9 +15,12 @@ pub use render::render;
 pub use ruleset::{Chain, Jump, Ruleset, ServiceChains, Table};
 
 pub mod apply;
+pub mod backend;
+pub mod canary;
 pub mod cleanup;
 pub mod error;
 pub mod exec;
 pub mod save;
+pub mod sync;
 
 pub use error::Error;

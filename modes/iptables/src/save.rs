@@ -63,6 +63,30 @@ impl<'a> SavedTable<'a> {
         self.chains.iter().map(|c| c.rules.len()).sum()
     }
 
+    /// Adds the rule of an `-A CHAIN RULE` line (`rest` is what follows
+    /// `-A `). `last` caches the last chain looked up: rules of one chain come
+    /// together.
+    fn push_rule(
+        &mut self,
+        rest: &'a str,
+        last: &mut Option<(&'a str, usize)>,
+    ) -> Result<(), String> {
+        let (chain, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+        let index = match *last {
+            Some((name, index)) if name == chain => index,
+            _ => {
+                let index = *self
+                    .index
+                    .get(chain)
+                    .ok_or_else(|| format!("rule for undeclared chain {chain:?}"))?;
+                *last = Some((chain, index));
+                index
+            }
+        };
+        self.chains[index].rules.push(rule);
+        Ok(())
+    }
+
     fn declare(&mut self, chain: SavedChain<'a>) -> Result<(), String> {
         if self.index.contains_key(chain.name) {
             return Err(format!("chain {} declared twice", chain.name));
@@ -106,19 +130,7 @@ pub fn parse(text: &str) -> Result<Vec<SavedTable<'_>>, ParseError> {
             let table = open
                 .as_mut()
                 .ok_or_else(|| err("rule outside a table".into()))?;
-            let (chain, rule) = rest.split_once(' ').unwrap_or((rest, ""));
-            let index = match last {
-                Some((name, index)) if name == chain => index,
-                _ => {
-                    let index = *table
-                        .index
-                        .get(chain)
-                        .ok_or_else(|| err(format!("rule for undeclared chain {chain:?}")))?;
-                    last = Some((chain, index));
-                    index
-                }
-            };
-            table.chains[index].rules.push(rule);
+            table.push_rule(rest, &mut last).map_err(err)?;
         } else if let Some(rest) = line.strip_prefix(':') {
             let table = open
                 .as_mut()
@@ -173,6 +185,50 @@ pub fn parse_table(text: &str, table: Table) -> Result<SavedTable<'_>, ParseErro
         found = Some(t);
     }
     Ok(found.unwrap_or_else(|| SavedTable::empty(table.as_str())))
+}
+
+/// Parses the output of `iptables -t TABLE -S`: `-P CHAIN POLICY` for each
+/// built-in chain, `-N CHAIN` for each user chain, then `-A CHAIN RULE` lines,
+/// whose rules read exactly as `iptables-save` prints them. Under nf_tables
+/// this is how a small table is read cheaply: `iptables-save -t filter` takes
+/// as long as saving every table (2-3 s beside 10,000 services in nat), while
+/// `iptables -t filter -S` takes a fraction of a second.
+pub fn parse_listing(text: &str, table: Table) -> Result<SavedTable<'_>, ParseError> {
+    let mut saved = SavedTable::empty(table.as_str());
+    let mut last = None;
+    for (i, line) in text.lines().enumerate() {
+        let err = |reason: String| ParseError {
+            line: i + 1,
+            reason,
+        };
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, policy) = if let Some(rest) = line.strip_prefix("-A ") {
+            saved.push_rule(rest, &mut last).map_err(err)?;
+            continue;
+        } else if let Some(name) = line.strip_prefix("-N ") {
+            (name, None)
+        } else if let Some(rest) = line.strip_prefix("-P ") {
+            let (name, policy) = rest
+                .split_once(' ')
+                .ok_or_else(|| err(format!("policy line without a policy: {line:?}")))?;
+            (name, Some(policy))
+        } else {
+            return Err(err(format!("unexpected line {:?}", shorten(line))));
+        };
+        if name.is_empty() || name.contains(' ') || policy.is_some_and(|p| p.contains(' ')) {
+            return Err(err(format!("bad chain line {:?}", shorten(line))));
+        }
+        saved
+            .declare(SavedChain {
+                name,
+                policy,
+                rules: Vec::new(),
+            })
+            .map_err(err)?;
+    }
+    Ok(saved)
 }
 
 /// `NAME POLICY [packets:bytes]`, the part after `:`.
@@ -333,6 +389,40 @@ COMMIT
         ];
         for (text, line, reason) in cases {
             let e = parse(text).unwrap_err();
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.reason.contains(reason), "{text:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_listing_reads_as_the_dump_does() {
+        // `iptables -t nat -S` of the same table as NAT.
+        let listing = "-P PREROUTING ACCEPT\n-P INPUT ACCEPT\n-P OUTPUT ACCEPT\n-P POSTROUTING ACCEPT\n\
+            -N KUBE-MARK-MASQ\n-N KUBE-SEP-SXIVWICOYRO3J4NJ\n-N KUBE-SERVICES\n-N KUBE-SVC-XPGD46QRK7WJZT7O\n"
+            .to_string()
+            + &NAT
+                .lines()
+                .filter(|l| l.starts_with("-A "))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>();
+        let from_listing = parse_listing(&listing, Table::Nat).unwrap();
+        let from_dump = parse_table(NAT, Table::Nat).unwrap();
+        assert_eq!(from_listing.name, "nat");
+        assert_eq!(from_listing.chains, from_dump.chains);
+        assert_eq!(from_listing.chain("INPUT").unwrap().policy, Some("ACCEPT"));
+    }
+
+    #[test]
+    fn a_listing_with_garbage_is_an_error_with_its_line() {
+        let cases = [
+            ("-N KUBE-X\n-A KUBE-Y -j RETURN\n", 2, "undeclared chain"),
+            ("-N KUBE-X\n-N KUBE-X\n", 2, "declared twice"),
+            ("-P INPUT\n", 1, "without a policy"),
+            ("*nat\n", 1, "unexpected line"),
+            ("-N KUBE X\n", 1, "bad chain line"),
+        ];
+        for (text, line, reason) in cases {
+            let e = parse_listing(text, Table::Nat).unwrap_err();
             assert_eq!(e.line, line, "{text:?}: {e}");
             assert!(e.reason.contains(reason), "{text:?}: {e}");
         }
