@@ -3,6 +3,11 @@
 use std::io::{self, Write};
 use std::net::Ipv4Addr;
 
+use kproxy_model::{
+    DesiredState, Endpoint, EndpointSelection, IpFamily, LocalTrafficDetector, NodeSettings,
+    Protocol, ServicePort, ServicePortName, SessionAffinity,
+};
+
 /// The shape of a generated cluster.
 #[derive(Clone, Copy, Debug)]
 pub struct ClusterShape {
@@ -53,4 +58,49 @@ impl ClusterShape {
         }
         Ok(())
     }
+}
+
+/// The cluster of `shape` built straight in the desired-state types, as the
+/// Kubernetes side would translate [`ClusterShape::write_yaml`]'s objects:
+/// one ClusterIP port per service, endpoints spread over the nodes.
+pub fn desired_state(shape: &ClusterShape) -> DesiredState {
+    let services = (0..shape.services)
+        .map(|i| {
+            let endpoints: Vec<Endpoint> = (0..shape.endpoints_per_service)
+                .map(|j| Endpoint {
+                    ip: shape.endpoint_ip(i, j).into(),
+                    port: 8080,
+                    local: (i + j) % shape.nodes == 0,
+                })
+                .collect();
+            ServicePort {
+                name: ServicePortName::new(format!("ns-{}", i % 100), format!("svc-{i}"), "http"),
+                protocol: Protocol::Tcp,
+                family: IpFamily::V4,
+                cluster_ip: ClusterShape::cluster_ip(i).into(),
+                port: 80,
+                node_port: None,
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                load_balancer_source_ranges: vec![],
+                health_check_node_port: None,
+                session_affinity: SessionAffinity::None,
+                internal_policy_local: false,
+                external_policy_local: false,
+                endpoints: EndpointSelection {
+                    has_any: !endpoints.is_empty(),
+                    cluster: endpoints,
+                    local: vec![],
+                },
+            }
+        })
+        .collect();
+    DesiredState::new(
+        services,
+        NodeSettings {
+            node_ips: vec!["192.168.0.10".parse().unwrap()],
+            local_detector: LocalTrafficDetector::Cidrs(vec!["10.128.0.0/9".parse().unwrap()]),
+            ..NodeSettings::default()
+        },
+    )
 }

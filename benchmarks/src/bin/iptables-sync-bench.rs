@@ -1,0 +1,306 @@
+//! Times kproxy's live iptables syncer on a node-sized ruleset, each figure
+//! beside its floor measured in the same run:
+//! `iptables-sync-bench [SERVICES] [ENDPOINTS] [ROUNDS] [--legacy]`
+//! (default 10,000 services × 10 endpoints, 5 rounds, the nft backend).
+//!
+//! Runs as root inside a network namespace it creates and deletes
+//! (`kpt-sync-bench-<pid>`). The rules hang off `PREROUTING` and `OUTPUT` as
+//! on a real node, which is what makes every nat transaction cost a walk of
+//! the whole jump graph. Measured:
+//! 1. the full initial sync into empty tables;
+//! 2. one endpoint change, from the sync starting to the kernel updated,
+//!    beside the floor (one `iptables-restore --noflush` adding one whole
+//!    service with `-I KUBE-SERVICES 1`) and upstream's method (rewriting
+//!    `KUBE-SERVICES` whole);
+//! 3. a restarted syncer adopting the loaded node, beside one
+//!    `iptables-save -t nat`; it must write nothing;
+//! 4. the resident memory of this process, which holds the desired state, the
+//!    ruleset and the syncer.
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kproxy_benchmarks::{ClusterShape, desired_state};
+use kproxy_iptables::exec::{Backend, Iptables};
+use kproxy_iptables::names::KUBE_SERVICES;
+use kproxy_iptables::sync::{SyncReport, Syncer};
+use kproxy_iptables::{Ruleset, Table, render};
+use kproxy_model::{DesiredState, IpFamily};
+
+/// A network namespace deleted when dropped, panics included.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Netns> {
+        let name = format!("kpt-sync-bench-{}", std::process::id());
+        let status = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .context("ip netns add")?;
+        ensure!(
+            status.success(),
+            "ip netns add {name}: {status} (root needed)"
+        );
+        Ok(Netns(name))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Args {
+    shape: ClusterShape,
+    rounds: usize,
+    backend: Backend,
+}
+
+fn args() -> Result<Args> {
+    let mut numbers = Vec::new();
+    let mut backend = Backend::Nft;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--legacy" => backend = Backend::Legacy,
+            "--nft" => backend = Backend::Nft,
+            n => numbers.push(
+                n.parse::<u32>()
+                    .with_context(|| format!("bad number {n:?}"))?,
+            ),
+        }
+    }
+    let number = |i: usize, default: u32| numbers.get(i).copied().unwrap_or(default);
+    let shape = ClusterShape {
+        services: number(0, 10_000),
+        endpoints_per_service: number(1, 10),
+        nodes: 50,
+    };
+    if shape.services < 10 || shape.endpoints_per_service == 0 {
+        bail!("need at least 10 services of 1 endpoint");
+    }
+    Ok(Args {
+        shape,
+        rounds: number(2, 5).max(1) as usize,
+        backend,
+    })
+}
+
+fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+/// `VmRSS` and `VmHWM` (peak) of this process, in MiB.
+fn memory() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// One whole service (2 chains, 3 rules) shaped like a rendered one, added
+/// with `-I KUBE-SERVICES 1`, and the input that takes it out again.
+fn floor_service(round: usize) -> (String, String) {
+    let ip = Ipv4Addr::new(10, 111, (round / 250) as u8, (round % 250 + 1) as u8);
+    let ep = Ipv4Addr::new(10, 250, (round / 250) as u8, (round % 250 + 1) as u8);
+    let svc = format!("KUBE-SVC-FLOOR{round:011}");
+    let sep = format!("KUBE-SEP-FLOOR{round:011}");
+    let comment = format!("bench/floor{round}:http");
+    let entry = format!(
+        "-d {ip}/32 -p tcp -m comment --comment \"{comment} cluster IP\" -m tcp --dport 80 -j {svc}"
+    );
+    let add = format!(
+        "*nat\n:{svc} - [0:0]\n:{sep} - [0:0]\n\
+         -A {svc} -m comment --comment \"{comment} -> {ep}:8080\" -j {sep}\n\
+         -A {sep} -s {ep}/32 -m comment --comment {comment} -j KUBE-MARK-MASQ\n\
+         -A {sep} -p tcp -m comment --comment {comment} -m tcp -j DNAT --to-destination {ep}:8080\n\
+         -I {KUBE_SERVICES} 1 {entry}\nCOMMIT\n"
+    );
+    let remove = format!(
+        "*nat\n-D {KUBE_SERVICES} {entry}\n-F {svc}\n-F {sep}\n-X {svc}\n-X {sep}\nCOMMIT\n"
+    );
+    (add, remove)
+}
+
+/// Upstream's partial sync: `KUBE-SERVICES` written whole.
+fn services_rewrite(ruleset: &Ruleset) -> Result<String> {
+    let chain = ruleset
+        .nat
+        .iter()
+        .find(|c| c.name == KUBE_SERVICES)
+        .context("no nat KUBE-SERVICES")?;
+    let mut text = format!("*nat\n:{KUBE_SERVICES} - [0:0]\n");
+    for rule in &chain.rules {
+        text.push_str("-A ");
+        text.push_str(KUBE_SERVICES);
+        text.push(' ');
+        text.push_str(rule);
+        text.push('\n');
+    }
+    text.push_str("COMMIT\n");
+    Ok(text)
+}
+
+/// Gives endpoint 0 of service `i` a new address: a pod replaced.
+fn replace_endpoint(state: &mut DesiredState, i: usize, round: usize) {
+    let ep = &mut state.services[i].endpoints.cluster[0];
+    ep.ip = Ipv4Addr::new(10, 251, (round / 250) as u8, (round % 250 + 1) as u8).into();
+}
+
+fn timed_sync(syncer: &mut Syncer, ruleset: &Ruleset) -> Result<SyncReport> {
+    let report = syncer.sync(ruleset)?;
+    println!("  {report}");
+    Ok(report)
+}
+
+fn main() -> Result<()> {
+    let args = args()?;
+    let shape = args.shape;
+    let ns = Netns::new()?;
+    let ipt = || Iptables::in_netns(IpFamily::V4, &ns.0).with_backend(args.backend);
+    println!(
+        "iptables sync bench: {} services x {} endpoints, {:?} backend, {} rounds; load {} at start",
+        shape.services,
+        shape.endpoints_per_service,
+        args.backend,
+        args.rounds,
+        load()
+    );
+
+    let mut state = desired_state(&shape);
+    let start = Instant::now();
+    let mut ruleset = render(&state, IpFamily::V4);
+    let render_time = start.elapsed();
+    println!(
+        "render: {} rules in {}",
+        ruleset.rule_count(),
+        secs(render_time)
+    );
+    let (rss_rendered, _) = memory();
+
+    // 1. Full initial sync into empty tables.
+    let mut syncer = Syncer::new(ipt());
+    let full = timed_sync(&mut syncer, &ruleset)?;
+    ensure!(full.full, "the first sync was not full");
+    let (rss_full, hwm_full) = memory();
+    let view_mib = syncer.heap_bytes() as f64 / (1024.0 * 1024.0);
+
+    let noop = timed_sync(&mut syncer, &ruleset)?;
+    ensure!(noop.transactions == 0, "an unchanged ruleset was written");
+
+    let checker = ipt();
+    let mut canary_times = Vec::new();
+    for _ in 0..args.rounds {
+        let start = Instant::now();
+        ensure!(!syncer.canaries_missing()?, "canaries missing after a sync");
+        canary_times.push(start.elapsed());
+    }
+
+    // 2. One endpoint change, beside the floor and upstream's method, round
+    //    by round so that the three see the same machine.
+    let services = state.services.len();
+    let (mut floors, mut upstream, mut changes, mut renders) = (vec![], vec![], vec![], vec![]);
+    for round in 0..args.rounds {
+        let (add, remove) = floor_service(round);
+        floors.push(checker.restore(Table::Nat, &add)?);
+        checker.restore(Table::Nat, &remove)?;
+
+        upstream.push(checker.restore(Table::Nat, &services_rewrite(&ruleset)?)?);
+
+        replace_endpoint(&mut state, (round * 997 + 123) % services, round);
+        // As the daemon does: the last ruleset is gone before the next is
+        // rendered.
+        drop(ruleset);
+        let start = Instant::now();
+        ruleset = render(&state, IpFamily::V4);
+        renders.push(start.elapsed());
+        let change = timed_sync(&mut syncer, &ruleset)?;
+        ensure!(
+            !change.full && change.transactions == 1,
+            "an endpoint change took more than one partial transaction: {change}"
+        );
+        changes.push(change.elapsed);
+    }
+    let (rss_changes, _) = memory();
+
+    // 3. A restarted syncer adopts the loaded node.
+    drop(syncer);
+    let mut saves = Vec::new();
+    for _ in 0..args.rounds.min(3) {
+        let start = Instant::now();
+        let text = checker.save(Table::Nat)?;
+        saves.push(start.elapsed());
+        drop(text);
+    }
+    let mut restarted = Syncer::new(ipt());
+    let adopt = timed_sync(&mut restarted, &ruleset)?;
+    ensure!(adopt.full, "a new syncer's first sync was not full");
+    ensure!(
+        adopt.transactions == 0 && restarted.iptables().stats().restores == 0,
+        "the restarted syncer wrote to the kernel: {adopt}"
+    );
+    let (rss_adopt, hwm) = memory();
+
+    let floor = median(floors);
+    let change = median(changes);
+    let save = median(saves);
+    println!();
+    println!("| figure | kproxy | floor / reference, same run | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| full initial sync into empty tables | {} ({} transactions, {} lines) | — | ≤ 15 s |",
+        secs(full.elapsed),
+        full.transactions,
+        full.lines
+    );
+    println!(
+        "| one endpoint change, sync start → kernel updated (median of {}) | {} (1 transaction) = {:.2} × floor | floor (one restore adding a service with `-I`): {}; upstream (rewrite `KUBE-SERVICES`): {} | ≤ 1.3 × floor |",
+        args.rounds,
+        secs(change),
+        change.as_secs_f64() / floor.as_secs_f64(),
+        secs(floor),
+        secs(median(upstream)),
+    );
+    println!(
+        "| restart: new syncer's first sync on the loaded node | {} ({} transactions) = {:.2} × save | one `iptables-save -t nat`: {} | ≤ 2 × save, no write |",
+        secs(adopt.elapsed),
+        adopt.transactions,
+        adopt.elapsed.as_secs_f64() / save.as_secs_f64(),
+        secs(save),
+    );
+    println!(
+        "| resident memory: desired state + ruleset + syncer | {rss_changes:.0} MiB steady; peak {hwm:.0} MiB (during full syncs) | after render {rss_rendered:.0} MiB; after full sync {rss_full:.0} MiB (peak {hwm_full:.0}); after adopt {rss_adopt:.0} MiB; the syncer's own view: {view_mib:.1} MiB | ≤ 150 MiB |"
+    );
+    println!(
+        "| nothing changed (partial sync) | {} | — | — |",
+        secs(noop.elapsed)
+    );
+    println!(
+        "| `canaries_missing()` (3 × `iptables -S`) | {} | — | — |",
+        secs(median(canary_times))
+    );
+    println!(
+        "| render (not part of the sync) | {} | — | — |",
+        secs(median(renders))
+    );
+    println!("\nload {} at end", load());
+    Ok(())
+}
