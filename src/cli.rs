@@ -1,7 +1,9 @@
 //! Command-line flags, named as kube-proxy names them.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
@@ -90,6 +92,106 @@ pub struct Args {
     /// Let NodePorts answer on 127.0.0.1 (IPv4 only).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = ArgAction::Set)]
     pub iptables_localhost_nodeports: bool,
+
+    /// The kubeconfig to reach the API server with [default: $KUBECONFIG,
+    /// ~/.kube/config, else the in-cluster service account].
+    #[arg(long, value_name = "PATH", conflicts_with = "from_file")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The shortest time between two syncs of the rules: a burst of changes
+    /// within it is programmed in one sync (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub min_sync_period: Duration,
+
+    /// How often the rules are synced even when nothing changed (e.g. 30s, 1m).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub sync_period: Duration,
+
+    /// Which iptables implementation to program: `auto` uses the one the node
+    /// already uses, as kubelet's iptables wrappers choose.
+    #[arg(long, value_enum, value_name = "BACKEND", default_value_t = IptablesBackend::Auto)]
+    pub iptables_backend: IptablesBackend,
+
+    /// Where to serve /healthz and /livez (host:port; empty turns it off).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:10256",
+          value_parser = |s: &str| parse_bind_address(s, 10256))]
+    pub healthz_bind_address: BindAddress,
+
+    /// Where to serve /metrics (host:port; empty turns it off).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249",
+          value_parser = |s: &str| parse_bind_address(s, 10249))]
+    pub metrics_bind_address: BindAddress,
+}
+
+/// `--iptables-backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IptablesBackend {
+    Auto,
+    Nft,
+    Legacy,
+}
+
+/// A listening address; `None` when the server is turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindAddress(pub Option<SocketAddr>);
+
+/// `host:port`, `[v6]:port`, or a bare IP (with `default_port`); empty for
+/// none.
+fn parse_bind_address(s: &str, default_port: u16) -> Result<BindAddress, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(BindAddress(None));
+    }
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(BindAddress(Some(addr)));
+    }
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .map(|ip| BindAddress(Some(SocketAddr::new(ip, default_port))))
+        .map_err(|_| format!("{s:?} is not an address (like 0.0.0.0:10256 or [::]:10256)"))
+}
+
+/// A Go duration as kube-proxy's flags take them: a sequence of decimal
+/// numbers with units, e.g. `1s`, `500ms`, `1m30s`, `1.5h`. A bare `0` is
+/// zero.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = |why: &str| format!("{s:?} is not a duration ({why}; e.g. 1s, 500ms, 1m30s)");
+    let text = s.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if text.is_empty() {
+        return Err(bad("empty"));
+    }
+    if text.starts_with('-') {
+        return Err(bad("negative"));
+    }
+    let mut rest = text.strip_prefix('+').unwrap_or(text);
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| bad("missing unit"))?;
+        let number: f64 = rest[..number_len].parse().map_err(|_| bad("bad number"))?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(bad("missing unit")),
+            _ => return Err(bad("unknown unit")),
+        };
+        rest = &rest[unit_len..];
+        total += number * seconds;
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad("out of range"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -319,6 +421,73 @@ mod tests {
         assert_eq!(a.hostname().as_deref(), Some("node-a"));
         let a = parse(&["--hostname-override", ""]).unwrap();
         assert_eq!(a.hostname(), None);
+    }
+
+    #[test]
+    fn live_mode_flags_default_as_kube_proxy() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.kubeconfig, None);
+        assert_eq!(a.min_sync_period, Duration::from_secs(1));
+        assert_eq!(a.sync_period, Duration::from_secs(30));
+        assert_eq!(a.iptables_backend, IptablesBackend::Auto);
+        assert_eq!(
+            a.healthz_bind_address,
+            BindAddress(Some("0.0.0.0:10256".parse().unwrap()))
+        );
+        assert_eq!(
+            a.metrics_bind_address,
+            BindAddress(Some("127.0.0.1:10249".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn durations_are_go_durations() {
+        let d = |s| parse_duration(s);
+        assert_eq!(d("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(d("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(d("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(d("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(d("0"), Ok(Duration::ZERO));
+        assert_eq!(d("250us"), Ok(Duration::from_micros(250)));
+        for bad in ["", "1", "s", "-1s", "1x", "1..2s", "ms"] {
+            assert!(d(bad).is_err(), "{bad:?} was accepted");
+        }
+        let a = parse(&["--min-sync-period", "200ms", "--sync-period=1m"]).unwrap();
+        assert_eq!(a.min_sync_period, Duration::from_millis(200));
+        assert_eq!(a.sync_period, Duration::from_secs(60));
+        assert!(parse(&["--sync-period", "30"]).is_err());
+    }
+
+    #[test]
+    fn bind_addresses_take_a_default_port_or_nothing() {
+        let a = parse(&[
+            "--healthz-bind-address",
+            "127.0.0.2",
+            "--metrics-bind-address",
+            "",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.healthz_bind_address,
+            BindAddress(Some("127.0.0.2:10256".parse().unwrap()))
+        );
+        assert_eq!(a.metrics_bind_address, BindAddress(None));
+        let a = parse(&["--metrics-bind-address", "[::1]:9000"]).unwrap();
+        assert_eq!(
+            a.metrics_bind_address,
+            BindAddress(Some("[::1]:9000".parse().unwrap()))
+        );
+        assert!(parse(&["--healthz-bind-address", "nowhere"]).is_err());
+    }
+
+    #[test]
+    fn backends_and_kubeconfig_parse() {
+        let a = parse(&["--iptables-backend", "legacy", "--kubeconfig", "/k"]).unwrap();
+        assert_eq!(a.iptables_backend, IptablesBackend::Legacy);
+        assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
+        assert!(parse(&["--iptables-backend", "ebpf"]).is_err());
+        assert!(parse(&["--kubeconfig", "/k", "--from-file", "f"]).is_err());
     }
 
     #[test]

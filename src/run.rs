@@ -1,7 +1,10 @@
-//! The one-shot run: read the cluster files, build the desired state, then
-//! print it (`--dry-run`) or program it; or clean up (`--cleanup`).
+//! What a run of kproxy does: the live controller (the default), or a
+//! one-shot run from cluster files (`--from-file`: build the desired state,
+//! then print it with `--dry-run` or program it), or `--cleanup`.
 
 use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use kproxy_iptables::{Ruleset, exec::Iptables};
@@ -11,7 +14,7 @@ use tracing::{info, warn};
 use crate::cli::{Args, ProxyMode, normalize_node_name};
 use crate::inventory::Inventory;
 use crate::translate::{self, NodePortAddressesOption, Translation};
-use crate::{netif, source};
+use crate::{controller, netif, source};
 
 pub fn run(args: Args) -> Result<()> {
     if args.mode == ProxyMode::Ipvs {
@@ -21,9 +24,12 @@ pub fn run(args: Args) -> Result<()> {
         return cleanup();
     }
     if args.from_file.is_empty() {
-        bail!(
-            "nothing to read: pass --from-file PATH (a cluster file, a directory, or - for standard input)"
-        );
+        if args.dry_run {
+            bail!(
+                "--dry-run needs --from-file PATH (a cluster file, a directory, or - for standard input)"
+            );
+        }
+        return live(args);
     }
 
     let mut inventory = Inventory::default();
@@ -50,6 +56,9 @@ pub fn run(args: Args) -> Result<()> {
         translate::translate(&inventory, &node_name, &opts, &local_addresses);
     let counts = inventory.counts;
     drop(inventory);
+    for orphan in &summary.orphan_slices {
+        warn!("{orphan}");
+    }
     info!(
         node = %node_name,
         services = summary.services,
@@ -57,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
         ipv6_service_ports = summary.service_ports_v6,
         endpoints = summary.endpoints,
         not_proxied = counts.not_proxied,
-        skipped = counts.skipped + summary.orphan_slices,
+        skipped = counts.skipped + summary.orphan_slices.len(),
         "desired state built from {} objects",
         counts.objects
     );
@@ -72,6 +81,60 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         apply(&state, &families)
     }
+}
+
+/// The live controller, until SIGTERM or SIGINT.
+fn live(args: Args) -> Result<()> {
+    let node_name = match args.hostname() {
+        Some(name) => name,
+        None => normalize_node_name(
+            &netif::host_name().context("cannot read the host name; pass --hostname-override")?,
+        ),
+    };
+    let options = controller::Options {
+        node_name,
+        node: args.node_options(),
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        iptables_backend: args.iptables_backend,
+        healthz_bind_address: args.healthz_bind_address.0,
+        metrics_bind_address: args.metrics_bind_address.0,
+    };
+    // Two workers: watchers and HTTP servers are light; the heavy work runs on
+    // the controller's own sync thread.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kproxy")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let result = runtime.block_on(async {
+        let client = client(args.kubeconfig.as_deref()).await?;
+        controller::run(client, options).await?;
+        anyhow::Ok(())
+    });
+    // Watch connections may linger; they hold nothing worth waiting for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// A client for `--kubeconfig`, else `$KUBECONFIG`, `~/.kube/config` or the
+/// in-cluster service account.
+async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("cannot use the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "cannot find the API server: pass --kubeconfig, set KUBECONFIG, or run in a pod",
+        )?,
+    };
+    info!(server = %config.cluster_url, "API server");
+    kube::Client::try_from(config).context("cannot build the API client")
 }
 
 /// `--hostname-override` / `NODE_NAME`; else the only Node in the files; else

@@ -273,7 +273,7 @@ spec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}
     fn reads_single_objects() {
         let inv = read_yaml(SVC);
         assert_eq!(inv.services.len(), 1);
-        assert_eq!(inv.services[0].name, "a");
+        assert_eq!(inv.services.iter().next().unwrap().name, "a");
     }
 
     #[test]

@@ -307,10 +307,23 @@ mod tests {
             r#"{"apiVersion":"v1","kind":"Node","metadata":{"name":"n"}}"#,
         );
         dir.file("notes.txt", "not: [yaml");
+        // A later copy of an object replaces an earlier one: `b.yml` is read
+        // after `a.yaml`, whatever the directory order.
+        let dup = |ip: &str| service("dup").replace("10.96.0.1", ip);
+        dir.file("a-dup.yaml", &dup("10.96.0.7"));
+        dir.file("b-dup.yaml", &dup("10.96.0.8"));
         let extra = dir.file("extra.yaml", &service("x"));
         let inv = load(&[dir.0.clone(), extra]).unwrap();
-        let names: Vec<&str> = inv.services.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["a", "b", "x", "x"]);
+        let mut names: Vec<&str> = inv.services.iter().map(|s| s.name.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["a", "b", "dup", "x"]);
+        // x twice (the directory holds extra.yaml too), dup twice, the Node.
+        assert_eq!(inv.counts.objects, 7);
+        let dup = inv.services.iter().find(|s| s.name == "dup").unwrap();
+        assert_eq!(
+            dup.cluster_ips,
+            ["10.96.0.8".parse::<std::net::IpAddr>().unwrap()]
+        );
         assert_eq!(inv.nodes.len(), 1);
     }
 

@@ -1,9 +1,11 @@
-//! Where Kubernetes objects come from. For now: cluster files (`--from-file`).
+//! Where Kubernetes objects come from: cluster files (`--from-file`), or the
+//! API server (watchers).
 
 pub mod document;
 pub mod file;
 pub mod list;
 pub mod split;
+pub mod watch;
 
 use std::io;
 use std::path::PathBuf;

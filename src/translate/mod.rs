@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kproxy_model::{DesiredState, IpFamily, Protocol};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::inventory::Inventory;
 
@@ -49,8 +49,30 @@ pub struct Summary {
     pub service_ports_v6: usize,
     /// Endpoints this node can send traffic to, summed over service ports.
     pub endpoints: usize,
-    /// Slices whose service is not in the input.
-    pub orphan_slices: usize,
+    /// Slices whose service is not in the input. Callers report them: once
+    /// for a file, and only when new for the live controller, which
+    /// translates again on every sync.
+    pub orphan_slices: Vec<OrphanSlice>,
+}
+
+/// An EndpointSlice whose Service kproxy has not seen.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct OrphanSlice {
+    pub namespace: String,
+    pub slice: String,
+    pub service: String,
+}
+
+impl std::fmt::Display for OrphanSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "EndpointSlice {ns}/{}: service {ns}/{} not found; skipped",
+            self.slice,
+            self.service,
+            ns = self.namespace
+        )
+    }
 }
 
 /// Builds the desired state of node `node_name`. `local_addresses` are this
@@ -90,11 +112,11 @@ pub fn translate(
                 s.namespace, s.name
             );
         } else {
-            warn!(
-                "EndpointSlice {}/{}: service {}/{} not found; skipped",
-                s.namespace, s.name, s.namespace, s.service
-            );
-            summary.orphan_slices += 1;
+            summary.orphan_slices.push(OrphanSlice {
+                namespace: s.namespace.clone(),
+                slice: s.name.clone(),
+                service: s.service.clone(),
+            });
         }
     }
     for list in by_service.values_mut() {
@@ -426,7 +448,7 @@ mod tests {
             endpoints: [{addresses: [10.244.1.5]}]";
         let inv = inventory(&[SVC], &[orphan, good]);
         let t = translate(&inv, "node-a", &NodeOptions::default(), &[]);
-        assert_eq!(t.summary.orphan_slices, 1);
+        assert_eq!(t.summary.orphan_slices.len(), 1);
         assert_eq!(
             only(&t).endpoints.cluster,
             vec![ep("10.244.1.5", 8080, false)]
@@ -441,7 +463,7 @@ mod tests {
         );
         let t = translate(&inv, "node-a", &NodeOptions::default(), &[]);
         assert!(t.state.services.is_empty());
-        assert_eq!(t.summary.orphan_slices, 0);
+        assert!(t.summary.orphan_slices.is_empty());
     }
 
     #[test]
