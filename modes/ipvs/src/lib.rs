@@ -1,0 +1,11 @@
+//! kproxy's IPVS mode.
+//!
+//! Every service IP and port becomes an IPVS virtual server with the service's
+//! endpoints as masqueraded destinations; the service IPs are bound to the
+//! `kube-ipvs0` dummy link so the node accepts their traffic; a small set of
+//! iptables rules and ipsets does what IPVS cannot (masquerading,
+//! loadBalancerSourceRanges, rejecting services without endpoints).
+
+pub mod types;
+
+pub use types::{Destination, ForwardMethod, Scheduler, ServiceFlags, VirtualServer, VirtualServerKey};
