@@ -42,10 +42,7 @@ fn reachable(sp: &ServicePort) -> BTreeSet<Endpoint> {
 }
 
 fn push(filters: &mut Filters, family: IpFamily, filter: Filter) {
-    match family {
-        IpFamily::V4 => filters.v4.push(filter),
-        IpFamily::V6 => filters.v6.push(filter),
-    }
+    filters.get_mut(family).push(filter);
 }
 
 /// Entries of `sp` not DNATed to one of `endpoints`.

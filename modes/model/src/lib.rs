@@ -272,6 +272,13 @@ impl<T> PerFamily<T> {
             IpFamily::V6 => &self.v6,
         }
     }
+
+    pub fn get_mut(&mut self, family: IpFamily) -> &mut T {
+        match family {
+            IpFamily::V4 => &mut self.v4,
+            IpFamily::V6 => &mut self.v6,
+        }
+    }
 }
 
 /// Node-wide settings that shape every mode's rules.
