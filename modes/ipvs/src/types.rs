@@ -98,7 +98,11 @@ impl fmt::Display for VirtualServerKey {
             Protocol::Udp => "UDP",
             Protocol::Sctp => "SCTP",
         };
-        write!(f, "{proto} {}", std::net::SocketAddr::new(self.addr, self.port))
+        write!(
+            f,
+            "{proto} {}",
+            std::net::SocketAddr::new(self.addr, self.port)
+        )
     }
 }
 
