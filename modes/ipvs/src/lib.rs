@@ -8,4 +8,6 @@
 
 pub mod types;
 
-pub use types::{Destination, ForwardMethod, Scheduler, ServiceFlags, VirtualServer, VirtualServerKey};
+pub use types::{
+    Destination, ForwardMethod, Scheduler, ServiceFlags, VirtualServer, VirtualServerKey,
+};
