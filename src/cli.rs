@@ -1,11 +1,14 @@
 //! Command-line flags, named as kube-proxy names them.
 
+use std::collections::BTreeSet;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
 
 use crate::translate::{DetectLocal, NodeOptions, NodePortAddressesOption};
@@ -14,6 +17,12 @@ use crate::translate::{DetectLocal, NodeOptions, NodePortAddressesOption};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "kproxy", version, about, max_term_width = 100)]
 pub struct Args {
+    /// Read settings from this KubeProxyConfiguration file
+    /// (kubeproxy.config.k8s.io/v1alpha1: kube-proxy's `config.conf`, as
+    /// kubeadm writes it). Flags given on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Which proxy mode to program.
     #[arg(long, value_enum, default_value_t = ProxyMode::Iptables)]
     pub mode: ProxyMode,
@@ -121,6 +130,110 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249",
           value_parser = |s: &str| parse_bind_address(s, 10249))]
     pub metrics_bind_address: BindAddress,
+
+    /// IPVS mode: the scheduler of every virtual server (rr, lc, dh, sh, sed,
+    /// nq).
+    #[arg(long, value_name = "NAME", default_value = "rr")]
+    pub ipvs_scheduler: String,
+
+    /// IPVS mode: set arp_ignore=1 and arp_announce=2, so that the node does
+    /// not answer ARP for the service IPs on kube-ipvs0.
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub ipvs_strict_arp: bool,
+
+    /// IPVS mode: the idle timeout of TCP sessions (0 keeps the kernel's).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub ipvs_tcp_timeout: Duration,
+
+    /// IPVS mode: the timeout of TCP sessions after a FIN (0 keeps the
+    /// kernel's).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub ipvs_tcpfin_timeout: Duration,
+
+    /// IPVS mode: the timeout of UDP sessions (0 keeps the kernel's).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub ipvs_udp_timeout: Duration,
+
+    /// IPVS mode's --sync-period [default: --sync-period].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ipvs_sync_period: Option<Duration>,
+
+    /// IPVS mode's --min-sync-period [default: --min-sync-period].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ipvs_min_sync_period: Option<Duration>,
+
+    /// IPVS mode: virtual servers in these CIDRs (comma-separated) are not
+    /// kproxy's and are never removed.
+    #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
+    pub ipvs_exclude_cidrs: Vec<IpNet>,
+}
+
+/// The flags that were given, on the command line or through their
+/// environment variable (`NODE_NAME`), as opposed to left at their defaults:
+/// they win over the `--config` file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Given(BTreeSet<String>);
+
+impl Given {
+    pub fn from_matches(matches: &ArgMatches) -> Given {
+        Given(
+            matches
+                .ids()
+                .filter(|id| {
+                    matches!(
+                        matches.value_source(id.as_str()),
+                        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                    )
+                })
+                .map(|id| id.as_str().to_string())
+                .collect(),
+        )
+    }
+
+    /// Whether the flag of field `id` of [`Args`] was given.
+    pub fn contains(&self, id: &str) -> bool {
+        debug_assert!(
+            Args::command().get_arguments().any(|a| a.get_id() == id),
+            "{id:?} is not a field of Args"
+        );
+        self.0.contains(id)
+    }
+}
+
+/// Parses the command line, or exits with clap's message.
+pub fn parse() -> (Args, Given) {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|err| err.exit())
+}
+
+/// Parses `argv` (the program name first) and tells which flags were given.
+pub fn try_parse_from<I, T>(argv: I) -> Result<(Args, Given), clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let matches = Args::command().try_get_matches_from(argv)?;
+    let args = Args::from_arg_matches(&matches)?;
+    Ok((args, Given::from_matches(&matches)))
+}
+
+/// The IPVS mode settings (`--ipvs-*`), free of clap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpvsOptions {
+    pub scheduler: String,
+    pub strict_arp: bool,
+    /// Zero keeps the kernel's timeout.
+    pub tcp_timeout: Duration,
+    pub tcp_fin_timeout: Duration,
+    pub udp_timeout: Duration,
+    pub exclude_cidrs: Vec<IpNet>,
 }
 
 /// `--iptables-backend`.
@@ -137,7 +250,7 @@ pub struct BindAddress(pub Option<SocketAddr>);
 
 /// `host:port`, `[v6]:port`, or a bare IP (with `default_port`); empty for
 /// none.
-fn parse_bind_address(s: &str, default_port: u16) -> Result<BindAddress, String> {
+pub(crate) fn parse_bind_address(s: &str, default_port: u16) -> Result<BindAddress, String> {
     let s = s.trim();
     if s.is_empty() {
         return Ok(BindAddress(None));
@@ -236,7 +349,7 @@ impl FromStr for NodePortAddressesArg {
     }
 }
 
-fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     s.parse::<IpNet>()
         .map(|net| net.trunc())
@@ -271,6 +384,30 @@ impl Args {
             masquerade_all: self.masquerade_all,
             masquerade_bit: self.iptables_masquerade_bit,
             localhost_nodeports: self.iptables_localhost_nodeports,
+        }
+    }
+
+    /// The mode's `(min sync period, sync period)`: in IPVS mode
+    /// `--ipvs-min-sync-period` and `--ipvs-sync-period` where given.
+    pub fn sync_periods(&self) -> (Duration, Duration) {
+        match self.mode {
+            ProxyMode::Iptables => (self.min_sync_period, self.sync_period),
+            ProxyMode::Ipvs => (
+                self.ipvs_min_sync_period.unwrap_or(self.min_sync_period),
+                self.ipvs_sync_period.unwrap_or(self.sync_period),
+            ),
+        }
+    }
+
+    /// The IPVS mode settings.
+    pub fn ipvs_options(&self) -> IpvsOptions {
+        IpvsOptions {
+            scheduler: self.ipvs_scheduler.trim().to_string(),
+            strict_arp: self.ipvs_strict_arp,
+            tcp_timeout: self.ipvs_tcp_timeout,
+            tcp_fin_timeout: self.ipvs_tcpfin_timeout,
+            udp_timeout: self.ipvs_udp_timeout,
+            exclude_cidrs: self.ipvs_exclude_cidrs.clone(),
         }
     }
 
@@ -488,6 +625,80 @@ mod tests {
         assert_eq!(a.kubeconfig, Some(PathBuf::from("/k")));
         assert!(parse(&["--iptables-backend", "ebpf"]).is_err());
         assert!(parse(&["--kubeconfig", "/k", "--from-file", "f"]).is_err());
+    }
+
+    #[test]
+    fn ipvs_flags_take_upstream_names_and_defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(
+            a.ipvs_options(),
+            IpvsOptions {
+                scheduler: "rr".into(),
+                strict_arp: false,
+                tcp_timeout: Duration::ZERO,
+                tcp_fin_timeout: Duration::ZERO,
+                udp_timeout: Duration::ZERO,
+                exclude_cidrs: vec![],
+            }
+        );
+        let a = parse(&[
+            "--mode=ipvs",
+            "--ipvs-scheduler=sh",
+            "--ipvs-strict-arp",
+            "--ipvs-tcp-timeout=15m",
+            "--ipvs-tcpfin-timeout=30s",
+            "--ipvs-udp-timeout=5m",
+            "--ipvs-exclude-cidrs=10.0.0.0/8,fd00::/64",
+            "--ipvs-sync-period=45s",
+        ])
+        .unwrap();
+        let o = a.ipvs_options();
+        assert_eq!(o.scheduler, "sh");
+        assert!(o.strict_arp);
+        assert_eq!(o.tcp_timeout, Duration::from_secs(900));
+        assert_eq!(o.tcp_fin_timeout, Duration::from_secs(30));
+        assert_eq!(o.udp_timeout, Duration::from_secs(300));
+        assert_eq!(o.exclude_cidrs.len(), 2);
+        assert!(parse(&["--ipvs-tcp-timeout=15"]).is_err());
+        // IPVS mode takes its own period where given, the generic one else.
+        assert_eq!(
+            a.sync_periods(),
+            (Duration::from_secs(1), Duration::from_secs(45))
+        );
+    }
+
+    #[test]
+    fn ipvs_periods_do_not_touch_iptables_mode() {
+        let a = parse(&["--ipvs-sync-period=45s", "--ipvs-min-sync-period=5s"]).unwrap();
+        assert_eq!(
+            a.sync_periods(),
+            (Duration::from_secs(1), Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn given_flags_are_told_from_defaults() {
+        let (_, given) = try_parse_from([
+            "kproxy",
+            "--sync-period=30s",
+            "--cluster-cidr",
+            "10.0.0.0/8",
+            "--masquerade-all",
+        ])
+        .unwrap();
+        assert!(given.contains("sync_period"), "given at its default value");
+        assert!(given.contains("cluster_cidr"));
+        assert!(given.contains("masquerade_all"));
+        assert!(!given.contains("min_sync_period"));
+        assert!(!given.contains("mode"));
+        assert!(!given.contains("iptables_masquerade_bit"));
+    }
+
+    #[test]
+    fn config_takes_a_path() {
+        let a = parse(&["--config=/var/lib/kproxy/config.conf"]).unwrap();
+        assert_eq!(a.config, Some(PathBuf::from("/var/lib/kproxy/config.conf")));
+        assert_eq!(parse(&[]).unwrap().config, None);
     }
 
     #[test]

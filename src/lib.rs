@@ -4,6 +4,7 @@
 //! its health checks and metrics.
 
 pub mod cli;
+pub mod config;
 pub mod controller;
 pub mod health;
 pub mod inventory;

@@ -91,11 +91,12 @@ fn live(args: Args) -> Result<()> {
             &netif::host_name().context("cannot read the host name; pass --hostname-override")?,
         ),
     };
+    let (min_sync_period, sync_period) = args.sync_periods();
     let options = controller::Options {
         node_name,
         node: args.node_options(),
-        min_sync_period: args.min_sync_period,
-        sync_period: args.sync_period,
+        min_sync_period,
+        sync_period,
         iptables_backend: args.iptables_backend,
         healthz_bind_address: args.healthz_bind_address.0,
         metrics_bind_address: args.metrics_bind_address.0,
