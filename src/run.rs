@@ -179,6 +179,12 @@ fn print(state: &DesiredState, families: &[IpFamily]) -> io::Result<()> {
 }
 
 fn apply(state: &DesiredState, families: &[IpFamily]) -> Result<()> {
+    let proc_sys = Path::new(kproxy_iptables::sysctl::PROC_SYS);
+    if kproxy_iptables::sysctl::ensure_route_localnet(proc_sys, &state.node)
+        .context("cannot turn on net.ipv4.conf.all.route_localnet for NodePorts on 127.0.0.1")?
+    {
+        info!("set net.ipv4.conf.all.route_localnet=1 so NodePorts answer on 127.0.0.1");
+    }
     for &family in families {
         let ruleset = kproxy_iptables::render(state, family);
         let ipt = Iptables::new(family);

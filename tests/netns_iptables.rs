@@ -430,6 +430,31 @@ fn cluster_ip_answers_tcp_and_udp_from_the_node_and_from_outside() {
     }
 }
 
+/// NodePorts answer on 127.0.0.1 from the node itself, as upstream's do with
+/// localhost NodePorts on: that needs route_localnet, which kproxy sets.
+#[test]
+fn node_port_answers_on_localhost_from_the_node() {
+    let Some(b) = programmed_bench() else {
+        return;
+    };
+    let ready = web_ready();
+    let localhost = service(Ipv4Addr::LOCALHOST, WEB_NODE_PORT);
+    for r in replies(
+        tcp_requests(&b.topo.node, None, localhost, 4, ANSWER),
+        "node to localhost NodePort",
+    ) {
+        assert!(
+            ready.contains(&r.server),
+            "localhost NodePort reached {r:?}"
+        );
+    }
+    let route_localnet = b
+        .topo
+        .node
+        .exec("cat", &["/proc/sys/net/ipv4/conf/all/route_localnet"]);
+    assert_eq!(route_localnet.trim(), "1");
+}
+
 #[test]
 fn every_ready_endpoint_answers_and_no_terminating_one() {
     let Some(b) = programmed_bench() else {

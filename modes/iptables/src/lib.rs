@@ -22,5 +22,6 @@ pub mod error;
 pub mod exec;
 pub mod save;
 pub mod sync;
+pub mod sysctl;
 
 pub use error::Error;
