@@ -6,7 +6,19 @@
 //! iptables rules and ipsets does what IPVS cannot (masquerading,
 //! loadBalancerSourceRanges, rejecting services without endpoints).
 
+pub mod netlink;
 pub mod types;
+
+pub mod error;
+pub mod link;
+pub mod modules;
+pub mod sysctl;
+
+pub mod dump;
+pub mod glue;
+pub mod plan;
+
+pub use error::Error;
 
 pub use types::{
     Destination, ForwardMethod, Scheduler, ServiceFlags, VirtualServer, VirtualServerKey,

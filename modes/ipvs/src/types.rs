@@ -78,8 +78,9 @@ impl FromStr for Scheduler {
 pub struct ServiceFlags {
     /// ClientIP session affinity: IP_VS_SVC_F_PERSISTENT with the timeout.
     pub persistent: bool,
-    /// IP_VS_SVC_F_HASHED and the scheduler flags, as the kernel reports
-    /// them; kproxy never sets these, only reads them back.
+    /// The other flags (one-packet scheduling, the scheduler flags), as the
+    /// kernel reports them. IP_VS_SVC_F_HASHED, the kernel's own
+    /// bookkeeping, is left out when reading and never sent.
     pub other: u32,
 }
 

@@ -1,0 +1,443 @@
+//! The IPVS generic netlink socket: family lookup, dumps and batched changes.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use netlink_sys::{Socket, SocketAddr};
+
+use crate::error::Error;
+use crate::netlink::answers::{AckReader, DumpReader, FamilyReader};
+use crate::netlink::codec::DecodeError;
+use crate::netlink::frame::{put_family_request, put_request};
+use crate::netlink::message::{Command, IpvsMessage, ServiceAttrs, af_of};
+use crate::netlink::op::{BatchReport, Op, split_batches};
+use crate::netlink::sys::*;
+use crate::types::{Destination, VirtualServer, VirtualServerKey};
+
+/// Netlink never builds a dump datagram above 32 KiB; twice that leaves room.
+const RECV_BUF: usize = 64 * 1024;
+const RECV_TIMEOUT: Duration = Duration::from_secs(10);
+/// Asked of the kernel for the socket's buffers (it doubles them). Raising
+/// the limits needs CAP_NET_ADMIN, which IPVS needs anyway; without it the
+/// system's defaults apply and batches are smaller.
+const RCVBUF_WANTED: libc::c_int = 4 << 20;
+const SNDBUF_WANTED: libc::c_int = 1 << 20;
+/// A datagram of requests is copied into one kernel buffer; beyond this,
+/// larger datagrams save little and cost a large allocation.
+const MAX_DATAGRAM: usize = 256 * 1024;
+/// What one ack costs in the receive buffer: the kernel charges an skb's
+/// truesize, several hundred bytes for a 36-byte capped ack and more with an
+/// extended-ack text, so this is a safe ceiling. The kernel answers a whole
+/// datagram before kproxy reads any of it, and answers that do not fit are
+/// dropped.
+const ACK_COST: usize = 2048;
+
+/// A client of the kernel's IPVS over generic netlink.
+///
+/// It works on the IPVS tables of the network namespace the calling thread
+/// was in when [`IpvsClient::new`] ran. Calls block (each wait for the kernel
+/// is bounded by a timeout); async code should run them on a blocking thread.
+/// Concurrent calls are serialised.
+pub struct IpvsClient {
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for IpvsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("IpvsClient")
+            .field("family", &inner.family)
+            .field("port", &inner.port)
+            .field("max_datagram", &inner.max_bytes)
+            .field("max_requests", &inner.max_requests)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    socket: Socket,
+    port: u32,
+    seq: u32,
+    family: u16,
+    buf: Vec<u8>,
+    max_bytes: usize,
+    max_requests: usize,
+}
+
+impl IpvsClient {
+    /// Opens the socket and looks up the IPVS family. Fails with
+    /// [`Error::IpvsFamilyMissing`] when the ip_vs module is not loaded.
+    pub fn new() -> Result<Self, Error> {
+        let mut socket = Socket::new(NETLINK_GENERIC).map_err(Error::IpvsSocket)?;
+        let addr = socket.bind_auto().map_err(Error::IpvsSocket)?;
+        // Refusals then echo only the request's header, not the request.
+        socket.set_cap_ack(true).map_err(Error::IpvsSocket)?;
+        // The kernel's reason in words, where it gives one; kernels before
+        // 4.12 do not know the option, and errors just lack the text.
+        let _ = socket.set_ext_ack(true);
+        set_recv_timeout(socket.as_raw_fd(), RECV_TIMEOUT).map_err(Error::IpvsSocket)?;
+        let fd = socket.as_raw_fd();
+        let rcvbuf = grow_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, RCVBUF_WANTED)
+            .map_err(Error::IpvsSocket)?;
+        let sndbuf = grow_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SNDBUF_WANTED)
+            .map_err(Error::IpvsSocket)?;
+        let mut inner = Inner {
+            socket,
+            port: addr.port_number(),
+            seq: 0,
+            family: 0,
+            buf: Vec::with_capacity(RECV_BUF),
+            // netlink_sendmsg refuses datagrams above the send buffer less 32.
+            max_bytes: MAX_DATAGRAM.min(sndbuf.saturating_sub(32)),
+            max_requests: (rcvbuf / ACK_COST).max(1),
+        };
+        inner.family = inner.resolve_family()?;
+        tracing::debug!(
+            family = inner.family,
+            rcvbuf,
+            sndbuf,
+            max_requests = inner.max_requests,
+            "IPVS netlink client ready"
+        );
+        Ok(IpvsClient {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// The IPVS generic netlink family id the kernel gave.
+    pub fn family_id(&self) -> u16 {
+        self.lock().family
+    }
+
+    /// Every virtual server. Those kproxy cannot describe (firewall marks,
+    /// schedulers it does not support) are logged and left out.
+    pub fn services(&self) -> Result<Vec<VirtualServer>, Error> {
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.lock()
+            .dump(&IpvsMessage::new(Command::GetService), |msg| {
+                let Some(attrs) = msg.service else {
+                    bad.get_or_insert(DecodeError::Missing("IPVS_CMD_ATTR_SERVICE"));
+                    return;
+                };
+                match VirtualServer::try_from(&attrs) {
+                    Ok(vs) => out.push(vs),
+                    Err(reason) => tracing::warn!(
+                        service = %attrs,
+                        %reason,
+                        "ignoring an IPVS virtual server kproxy cannot describe"
+                    ),
+                }
+            })?;
+        match bad {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
+        }
+    }
+
+    /// The destinations of one virtual server; none if it does not exist.
+    pub fn destinations(&self, key: &VirtualServerKey) -> Result<Vec<Destination>, Error> {
+        let af = af_of(&key.addr);
+        let request = IpvsMessage::new(Command::GetDest).with_service(ServiceAttrs::from(key));
+        let mut out = Vec::new();
+        let mut bad = None;
+        self.lock().dump(&request, |msg| {
+            let Some(attrs) = msg.dest else {
+                bad.get_or_insert(DecodeError::Missing("IPVS_CMD_ATTR_DEST"));
+                return;
+            };
+            match attrs.to_destination(af) {
+                Ok(dest) => out.push(dest),
+                Err(reason) => tracing::warn!(
+                    service = %key,
+                    dest = %attrs,
+                    %reason,
+                    "ignoring an IPVS destination kproxy cannot describe"
+                ),
+            }
+        })?;
+        match bad {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
+        }
+    }
+
+    pub fn add_service(&self, vs: &VirtualServer) -> Result<(), Error> {
+        self.apply_one(Op::AddService(vs.clone()))
+    }
+
+    pub fn update_service(&self, vs: &VirtualServer) -> Result<(), Error> {
+        self.apply_one(Op::UpdateService(vs.clone()))
+    }
+
+    pub fn delete_service(&self, key: &VirtualServerKey) -> Result<(), Error> {
+        self.apply_one(Op::DeleteService(*key))
+    }
+
+    pub fn add_destination(&self, key: &VirtualServerKey, dest: &Destination) -> Result<(), Error> {
+        self.apply_one(Op::AddDest(*key, dest.clone()))
+    }
+
+    pub fn update_destination(
+        &self,
+        key: &VirtualServerKey,
+        dest: &Destination,
+    ) -> Result<(), Error> {
+        self.apply_one(Op::UpdateDest(*key, dest.clone()))
+    }
+
+    pub fn delete_destination(
+        &self,
+        key: &VirtualServerKey,
+        dest: &Destination,
+    ) -> Result<(), Error> {
+        self.apply_one(Op::DeleteDest(*key, dest.clone()))
+    }
+
+    /// Deletes every virtual server of the namespace, kproxy's or not.
+    pub fn flush(&self) -> Result<(), Error> {
+        self.execute(&[IpvsMessage::new(Command::Flush)])?
+            .into_result()
+    }
+
+    /// Carries out `ops` in order, many per datagram, and reports which the
+    /// kernel refused. Each is acked on its own, so a refusal does not stop
+    /// the others. An `Err` means the socket failed: the ops of the datagram
+    /// in flight may or may not have been carried out, and later ones were
+    /// not sent.
+    pub fn apply(&self, ops: &[Op]) -> Result<BatchReport, Error> {
+        let msgs: Vec<IpvsMessage> = ops.iter().map(Op::message).collect();
+        self.execute(&msgs)
+    }
+
+    /// [`IpvsClient::apply`] for requests built by hand, such as a scheduler
+    /// kproxy's types cannot name.
+    pub fn execute(&self, requests: &[IpvsMessage]) -> Result<BatchReport, Error> {
+        self.lock().execute(requests)
+    }
+
+    /// The replies of a dump request (`GET_SERVICE`, or `GET_DEST` with a
+    /// service), unconverted.
+    pub fn dump(&self, request: &IpvsMessage) -> Result<Vec<IpvsMessage>, Error> {
+        let mut out = Vec::new();
+        self.lock().dump(request, |msg| out.push(msg))?;
+        Ok(out)
+    }
+
+    fn apply_one(&self, op: Op) -> Result<(), Error> {
+        self.apply(std::slice::from_ref(&op))?.into_result()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state behind the lock is a socket and a counter: still usable
+        // after a panic elsewhere.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    fn send(&self, datagram: &[u8]) -> Result<(), Error> {
+        let kernel = SocketAddr::new(0, 0);
+        loop {
+            match self.socket.send_to(datagram, &kernel, 0) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::IpvsSend(e)),
+            }
+        }
+    }
+
+    /// Receives one datagram into `self.buf`.
+    fn recv(&mut self) -> Result<(), Error> {
+        self.buf.clear();
+        loop {
+            match self.socket.recv(&mut self.buf, libc::MSG_TRUNC) {
+                // With MSG_TRUNC the kernel reports the datagram's real size.
+                Ok(len) if len > self.buf.capacity() => {
+                    return Err(Error::IpvsTruncated {
+                        len,
+                        cap: self.buf.capacity(),
+                    });
+                }
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Error::IpvsTimeout(RECV_TIMEOUT));
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    return Err(Error::IpvsAnswersLost);
+                }
+                Err(e) => return Err(Error::IpvsRecv(e)),
+            }
+        }
+    }
+
+    /// Throws away whatever an earlier, failed call left unread, so that its
+    /// answers neither fill the buffer nor get mistaken for new ones.
+    fn drain(&mut self) {
+        loop {
+            self.buf.clear();
+            match self.socket.recv(&mut self.buf, libc::MSG_DONTWAIT) {
+                Ok(_) => tracing::debug!("dropping a stale IPVS netlink answer"),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn resolve_family(&mut self) -> Result<u16, Error> {
+        let seq = self.next_seq();
+        let mut request = Vec::new();
+        put_family_request(&mut request, seq, IPVS_GENL_NAME);
+        self.send(&request)?;
+        let mut reader = FamilyReader::new(seq, self.port);
+        loop {
+            self.recv()?;
+            if let Some(id) = reader.feed(&self.buf)? {
+                return Ok(id);
+            }
+        }
+    }
+
+    fn dump(
+        &mut self,
+        request: &IpvsMessage,
+        mut each: impl FnMut(IpvsMessage),
+    ) -> Result<(), Error> {
+        self.drain();
+        let seq = self.next_seq();
+        let mut datagram = Vec::new();
+        put_request(
+            &mut datagram,
+            self.family,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            seq,
+            request,
+        );
+        self.send(&datagram)?;
+        let mut reader = DumpReader::new(request, seq, self.port, self.family);
+        loop {
+            self.recv()?;
+            if reader.feed(&self.buf, &mut each)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn execute(&mut self, requests: &[IpvsMessage]) -> Result<BatchReport, Error> {
+        self.drain();
+        let first_seq = self.seq.wrapping_add(1);
+        let mut bytes = Vec::with_capacity(requests.len() * 112);
+        let mut offsets = Vec::with_capacity(requests.len() + 1);
+        for msg in requests {
+            offsets.push(bytes.len());
+            let seq = self.next_seq();
+            put_request(&mut bytes, self.family, NLM_F_REQUEST | NLM_F_ACK, seq, msg);
+        }
+        offsets.push(bytes.len());
+        let lens: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+
+        let mut report = BatchReport::default();
+        for batch in split_batches(&lens, self.max_bytes, self.max_requests) {
+            self.send(&bytes[offsets[batch.start]..offsets[batch.end]])?;
+            report.datagrams += 1;
+            report.sent += batch.len();
+            let mut reader = AckReader::new(requests, first_seq, self.port, batch);
+            while !reader.done() {
+                self.recv()?;
+                reader.feed(&self.buf, &mut report.failures)?;
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn set_recv_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: the fd is a socket this process owns, and `tv` is a valid
+    // `struct timeval` whose size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn set_int(fd: RawFd, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the fd is a socket this process owns; the option value is a
+    // c_int whose size is passed along.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn get_int(fd: RawFd, name: libc::c_int) -> io::Result<usize> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as for `set_int`; `len` holds the size of `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value.max(0) as usize)
+}
+
+/// Raises a socket buffer past the system limit if allowed, else up to it,
+/// and returns the size the kernel settled on.
+fn grow_buffer(
+    fd: RawFd,
+    force: libc::c_int,
+    plain: libc::c_int,
+    wanted: libc::c_int,
+) -> io::Result<usize> {
+    let current = get_int(fd, plain)?;
+    if current >= 2 * wanted as usize {
+        return Ok(current);
+    }
+    if set_int(fd, force, wanted).is_err() {
+        // Without CAP_NET_ADMIN: up to net.core.{r,w}mem_max.
+        let _ = set_int(fd, plain, wanted);
+    }
+    get_int(fd, plain)
+}
