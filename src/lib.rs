@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod health;
 pub mod inventory;
+pub mod ipvs_mode;
 pub mod metrics;
 pub mod netif;
 pub mod run;

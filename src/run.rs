@@ -14,11 +14,14 @@ use tracing::{info, warn};
 use crate::cli::{Args, ProxyMode, normalize_node_name};
 use crate::inventory::Inventory;
 use crate::translate::{self, NodePortAddressesOption, Translation};
-use crate::{controller, netif, source};
+use crate::{controller, ipvs_mode, netif, source};
 
 pub fn run(args: Args) -> Result<()> {
-    if args.mode == ProxyMode::Ipvs {
-        bail!("--mode ipvs is not implemented yet; use --mode iptables");
+    let ipvs = args.mode == ProxyMode::Ipvs;
+    if ipvs && (args.cleanup || args.from_file.is_empty()) {
+        bail!(
+            "--mode ipvs works only with --from-file for now (the live controller and --cleanup are iptables-mode only); use --mode iptables"
+        );
     }
     if args.cleanup {
         return cleanup();
@@ -55,6 +58,12 @@ pub fn run(args: Args) -> Result<()> {
     let Translation { state, summary } =
         translate::translate(&inventory, &node_name, &opts, &local_addresses);
     let counts = inventory.counts;
+    let ipvs_input = ipvs.then(|| {
+        (
+            ipvs_mode::overrides(&inventory),
+            ipvs_mode::node_object_addresses(inventory.node(&node_name)),
+        )
+    });
     drop(inventory);
     for orphan in &summary.orphan_slices {
         warn!("{orphan}");
@@ -72,6 +81,17 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let families = families(&state);
+    if let Some((overrides, node_object_addrs)) = ipvs_input {
+        let settings = ipvs_mode::settings(&args.ipvs_options())?;
+        return if args.dry_run {
+            match ipvs_mode::print(&state, &families, &settings, &node_object_addrs, &overrides) {
+                Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                other => other.context("cannot write the IPVS dry run to standard output"),
+            }
+        } else {
+            ipvs_mode::apply(&state, &families, &settings, &overrides)
+        };
+    }
     if args.dry_run {
         match print(&state, &families) {
             // `kproxy --dry-run | head` is not an error.

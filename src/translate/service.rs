@@ -15,6 +15,9 @@ use super::{Digest, object_name, parse_ip, parse_protocol, port_number};
 
 /// Services with this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The annotation that picks an IPVS scheduler for one service.
+pub const IPVS_SCHEDULER_ANNOTATION: &str = "kproxy.io/ipvs-scheduler";
+
 /// The annotation older clusters use instead of `spec.loadBalancerSourceRanges`.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// The affinity timeout when `sessionAffinityConfig` leaves it out (3 hours).
@@ -39,6 +42,9 @@ pub struct ServiceInfo {
     /// Upstream's ExternalPolicyLocal: eTP=Local on a NodePort or LoadBalancer
     /// service or one with external IPs.
     pub external_policy_local: bool,
+    /// The `kproxy.io/ipvs-scheduler` annotation, as written: only IPVS mode
+    /// reads it, and parses (and warns about) it there.
+    pub ipvs_scheduler: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -266,6 +272,12 @@ pub fn digest(svc: &Service) -> Digest<ServiceInfo> {
         session_affinity,
         internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         external_policy_local,
+        ipvs_scheduler: svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(IPVS_SCHEDULER_ANNOTATION))
+            .cloned(),
     })
 }
 
