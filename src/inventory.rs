@@ -60,6 +60,18 @@ impl<T: PartialEq> Keyed<T> {
         self.map.values().map(|v| &**v)
     }
 
+    /// A copy holding only the objects `keep` accepts, shared with this one.
+    pub fn filtered(&self, mut keep: impl FnMut(&T) -> bool) -> Keyed<T> {
+        Keyed {
+            map: self
+                .map
+                .iter()
+                .filter(|(_, v)| keep(v))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
     fn get(&self, key: &str) -> Option<&T> {
         self.map.get(key).map(|v| &**v)
     }

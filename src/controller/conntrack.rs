@@ -64,6 +64,19 @@ fn not_to(filters: &mut Filters, sp: &ServicePort, endpoints: &BTreeSet<Endpoint
     }
 }
 
+/// The part of `state` [`stale_filters`] looks at: its UDP service ports.
+pub fn udp_only(state: &DesiredState) -> DesiredState {
+    DesiredState {
+        services: state
+            .services
+            .iter()
+            .filter(|s| s.protocol == Protocol::Udp)
+            .cloned()
+            .collect(),
+        node: state.node.clone(),
+    }
+}
+
 /// What to delete after the kernel went from `previous` to `next`.
 pub fn stale_filters(previous: Option<&DesiredState>, next: &DesiredState) -> Filters {
     let mut filters = Filters::default();
@@ -273,6 +286,25 @@ mod tests {
         // Losing every endpoint clears them, and adds nothing for "newly active".
         let empty = state(vec![port("dns", Protocol::Udp, &[])]);
         assert_eq!(stale_filters(Some(&before), &empty).v4.len(), 3);
+    }
+
+    #[test]
+    fn the_udp_ports_alone_give_the_same_filters() {
+        let before = state(vec![
+            port("web", Protocol::Tcp, &["10.244.1.2"]),
+            port("dns", Protocol::Udp, &["10.244.1.5", "10.244.1.6"]),
+            port("ntp", Protocol::Udp, &[]),
+        ]);
+        let after = state(vec![
+            port("web", Protocol::Tcp, &[]),
+            port("dns", Protocol::Udp, &["10.244.1.5"]),
+            port("ntp", Protocol::Udp, &["10.244.1.9"]),
+        ]);
+        let kept = udp_only(&before);
+        assert_eq!(kept.services.len(), 2);
+        let filters = all(&stale_filters(Some(&before), &after));
+        assert!(!filters.is_empty());
+        assert_eq!(all(&stale_filters(Some(&kept), &after)), filters);
     }
 
     #[test]

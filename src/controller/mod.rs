@@ -19,6 +19,7 @@ mod schedule;
 mod signal;
 mod store;
 mod sync;
+mod translation;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -92,6 +93,7 @@ pub async fn run(client: kube::Client, options: Options) -> Result<(), Error> {
         conntrack,
         node_name: options.node_name.clone(),
         node_options: options.node.clone(),
+        translator: translation::Translator::new(),
         health_checks: observe::HealthChecks::new(
             tokio::runtime::Handle::current(),
             observers.health.clone(),

@@ -3,10 +3,14 @@
 //! IPv4 is always programmed. IPv6 is programmed from the first sync whose
 //! desired state has an IPv6 service port, and from then on, so that removing
 //! the last IPv6 service removes its rules.
+//!
+//! Each family keeps a [`RenderCache`]: a sync renders only the service ports
+//! that changed, and the syncer skips the groups it already wrote.
 
 use std::time::Instant;
 
 use kproxy_iptables::exec::{Backend, Iptables};
+use kproxy_iptables::render::RenderCache;
 use kproxy_iptables::sync::Syncer;
 use kproxy_model::{DesiredState, IpFamily};
 use tracing::{debug, info, warn};
@@ -16,8 +20,22 @@ use crate::cli::IptablesBackend;
 
 pub struct Rules {
     choice: IptablesBackend,
-    v4: Syncer,
-    v6: Option<Syncer>,
+    v4: Family,
+    v6: Option<Family>,
+}
+
+struct Family {
+    syncer: Syncer,
+    cache: RenderCache,
+}
+
+/// What [`Rules::sync`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every family's sync succeeded.
+    pub ok: bool,
+    /// Some family ran a full sync (successful or not).
+    pub full: bool,
 }
 
 /// The backend `choice` means: `auto` is what the node already uses, as
@@ -30,22 +48,25 @@ fn backend(choice: IptablesBackend, family: IpFamily) -> Backend {
     }
 }
 
-fn syncer(choice: IptablesBackend, family: IpFamily) -> Syncer {
+fn family(choice: IptablesBackend, family: IpFamily) -> Family {
     let ipt = Iptables::new(family).with_backend(backend(choice, family));
     info!(%family, program = %ipt.restore_program(), "programming the rules");
-    Syncer::new(ipt)
+    Family {
+        syncer: Syncer::new(ipt),
+        cache: RenderCache::new(family),
+    }
 }
 
 impl Rules {
     pub fn new(choice: IptablesBackend) -> Self {
         Rules {
             choice,
-            v4: syncer(choice, IpFamily::V4),
+            v4: family(choice, IpFamily::V4),
             v6: None,
         }
     }
 
-    fn syncers(&mut self) -> impl Iterator<Item = (IpFamily, &mut Syncer)> {
+    fn families(&mut self) -> impl Iterator<Item = (IpFamily, &mut Family)> {
         std::iter::once((IpFamily::V4, &mut self.v4))
             .chain(self.v6.as_mut().map(|s| (IpFamily::V6, s)))
     }
@@ -53,27 +74,42 @@ impl Rules {
     /// The next sync writes everything that differs, whatever was written
     /// before.
     pub fn force_full(&mut self) {
-        for (_, s) in self.syncers() {
-            s.force_full();
+        for (_, f) in self.families() {
+            f.syncer.force_full();
         }
     }
 
-    /// Brings every family's tables to `state`; returns whether all succeeded.
-    /// Each family is tried even when another fails.
-    pub fn sync(&mut self, state: &DesiredState, observers: &Observers) -> bool {
+    /// Brings every family's tables to `state`. Each family is tried even
+    /// when another fails. `started` is when the sync began (the translation
+    /// included): the sync-duration metrics count from there, as upstream's
+    /// count all of a sync.
+    pub fn sync(
+        &mut self,
+        state: &DesiredState,
+        observers: &Observers,
+        started: Instant,
+    ) -> Outcome {
         if self.v6.is_none() && state.services_of(IpFamily::V6).next().is_some() {
-            self.v6 = Some(syncer(self.choice, IpFamily::V6));
+            self.v6 = Some(family(self.choice, IpFamily::V6));
             observers.set_v6_active();
         }
-        let mut ok = true;
-        for (family, syncer) in self.syncers() {
+        let mut outcome = Outcome {
+            ok: true,
+            full: false,
+        };
+        let mut started = started;
+        for (family, Family { syncer, cache }) in self.families() {
             let partial = !syncer.next_is_full();
-            let start = Instant::now();
-            let ruleset = kproxy_iptables::render(state, family);
-            let rendered = start.elapsed();
+            outcome.full |= !partial;
+            let render_start = Instant::now();
+            // Snapshot and translation, for the first family.
+            let prepared = render_start - started;
+            let ruleset = cache.render(state);
+            let rendered = render_start.elapsed();
+            let render_stats = cache.last_render();
             match syncer.sync(&ruleset) {
                 Ok(report) => {
-                    let took = start.elapsed();
+                    let took = started.elapsed();
                     observers.synced(family, report.full, took, &ruleset);
                     // A sync that writes nothing is routine: every sync period.
                     if report.full || report.transactions > 0 {
@@ -82,7 +118,10 @@ impl Rules {
                             full = report.full,
                             transactions = report.transactions,
                             lines = report.lines,
+                            seconds = took.as_secs_f64(),
+                            translate_seconds = prepared.as_secs_f64(),
                             render_seconds = rendered.as_secs_f64(),
+                            services_rendered = render_stats.rendered,
                             "rules synced: {report}"
                         );
                     } else {
@@ -90,13 +129,15 @@ impl Rules {
                     }
                 }
                 Err(err) => {
-                    ok = false;
+                    outcome.ok = false;
                     warn!(%family, "cannot sync the rules: {err}; retrying with a full sync");
                     observers.sync_failed(family, partial);
                 }
             }
+            // The next family's sync starts when this one ends.
+            started = Instant::now();
         }
-        ok
+        outcome
     }
 
     /// Whether some family's canary chains are gone (someone flushed or
@@ -104,7 +145,7 @@ impl Rules {
     /// periodic syncs go on regardless.
     pub fn canaries_missing(&mut self) -> bool {
         let mut missing = false;
-        for (family, syncer) in self.syncers() {
+        for (family, Family { syncer, .. }) in self.families() {
             match syncer.canaries_missing() {
                 Ok(true) => {
                     warn!(%family, "kproxy's canary chains are gone: the tables were flushed; resyncing everything");

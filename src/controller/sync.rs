@@ -11,15 +11,16 @@ use std::time::{Instant, SystemTime};
 
 use kproxy_conntrack::Conntrack;
 use kproxy_model::DesiredState;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::conntrack as stale;
 use super::observe::{HealthChecks, Observers};
 use super::rules::Rules;
 use super::schedule::{Schedule, Step};
 use super::store::{Store, Wake};
+use super::translation::Translator;
 use crate::netif;
-use crate::translate::{self, NodeOptions, NodePortAddressesOption, OrphanSlice, Translation};
+use crate::translate::{NodeOptions, NodePortAddressesOption, OrphanSlice};
 
 pub struct Worker {
     pub(super) store: Arc<Store>,
@@ -29,9 +30,12 @@ pub struct Worker {
     pub(super) conntrack: Option<Conntrack>,
     pub(super) node_name: String,
     pub(super) node_options: NodeOptions,
+    /// Translates only the services that changed.
+    pub(super) translator: Translator,
     pub(super) observers: Arc<Observers>,
     pub(super) health_checks: HealthChecks,
-    /// The state last programmed successfully.
+    /// The UDP service ports of the state last programmed successfully: all
+    /// the conntrack cleanup compares.
     pub(super) previous: Option<DesiredState>,
     /// Whether this node's Node object was missing at the last sync.
     pub(super) node_missing: Option<bool>,
@@ -103,6 +107,7 @@ impl Worker {
     fn sync(&mut self, now: Instant, full: bool) {
         self.schedule.started(now, full);
         self.observers.sync_started();
+        let started = Instant::now();
         let snapshot = self.store.snapshot();
         self.check_node(&snapshot.inventory);
         let local_addresses = match &self.node_options.nodeport_addresses {
@@ -112,13 +117,13 @@ impl Worker {
             }),
             _ => Vec::new(),
         };
-        let Translation { state, summary } = translate::translate(
-            &snapshot.inventory,
+        let summary = self.translator.translate(
+            snapshot.inventory,
             &self.node_name,
             &self.node_options,
             &local_addresses,
         );
-        drop(snapshot.inventory);
+        let translated = started.elapsed();
         for orphan in &summary.orphan_slices {
             if !self.reported_orphans.contains(orphan) {
                 warn!("{orphan}");
@@ -137,24 +142,43 @@ impl Worker {
         if full {
             self.rules.force_full();
         }
-        if !self.rules.sync(&state, &self.observers) {
+        let stats = self.translator.last();
+        let state = self.translator.state();
+        debug!(
+            seconds = translated.as_secs_f64(),
+            service_ports = state.services.len(),
+            all = stats.full,
+            services_translated = stats.translated,
+            "translated"
+        );
+        let outcome = self.rules.sync(state, &self.observers, started);
+        if !outcome.ok {
             self.schedule.failed();
             self.store.requeue_triggers(snapshot.triggers);
+            if outcome.full {
+                release_free_memory();
+            }
             return;
         }
         self.schedule.succeeded();
         self.observers
             .programmed(&snapshot.triggers, SystemTime::now());
-        self.observers.no_local_endpoints(&state);
-        self.health_checks.sync(&state);
+        self.observers.no_local_endpoints(state);
+        self.health_checks.sync(state);
         // Only now that the new rules are in: an entry deleted earlier would
         // be recreated towards the old endpoint by the next packet.
         if let Some(ct) = &self.conntrack {
-            let filters = stale::stale_filters(self.previous.as_ref(), &state);
+            let filters = stale::stale_filters(self.previous.as_ref(), state);
             stale::clear(ct, &filters);
         }
-        self.previous = Some(state);
-        release_free_memory();
+        self.previous = Some(stale::udp_only(state));
+        // Only after full syncs, which read the kernel and may write all of
+        // it: tens of MB freed. A partial sync frees little, and trimming
+        // after each made the next one fault its pages back in (some 80 MB
+        // at 10,000 services before renders were cached).
+        if outcome.full {
+            release_free_memory();
+        }
     }
 
     fn check_node(&mut self, inventory: &crate::inventory::Inventory) {
@@ -174,8 +198,8 @@ impl Worker {
     }
 }
 
-/// Hands memory freed by the sync (the rendered rules: some 100 MB at 10,000
-/// services) back to the system. glibc keeps freed memory in its arenas, where
+/// Hands memory freed by a full sync (the kernel's listing and the restore
+/// input: tens of MB at 10,000 services) back to the system. glibc keeps freed memory in its arenas, where
 /// it would count as kproxy's resident memory until the next sync reuses it.
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -11,11 +11,14 @@
 //! 2. one endpoint change, from the sync starting to the kernel updated,
 //!    beside the floor (one `iptables-restore --noflush` adding one whole
 //!    service with `-I KUBE-SERVICES 1`) and upstream's method (rewriting
-//!    `KUBE-SERVICES` whole);
+//!    `KUBE-SERVICES` whole). As in the daemon, the ruleset comes from a
+//!    `RenderCache`, which renders only the changed service; that render is
+//!    timed on its own, and so is the sync with a fresh `render`;
 //! 3. a restarted syncer adopting the loaded node, beside one
 //!    `iptables-save -t nat`; it must write nothing;
 //! 4. the resident memory of this process, which holds the desired state, the
-//!    ruleset and the syncer.
+//!    render cache, the ruleset and the syncer, and its peak during the full
+//!    sync and during the adoption.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -25,6 +28,7 @@ use anyhow::{Context, Result, bail, ensure};
 use kproxy_benchmarks::{ClusterShape, desired_state};
 use kproxy_iptables::exec::{Backend, Iptables};
 use kproxy_iptables::names::KUBE_SERVICES;
+use kproxy_iptables::render::RenderCache;
 use kproxy_iptables::sync::{SyncReport, Syncer};
 use kproxy_iptables::{Ruleset, Table, render};
 use kproxy_model::{DesiredState, IpFamily};
@@ -95,6 +99,17 @@ fn median(mut times: Vec<Duration>) -> Duration {
 
 fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
+}
+
+/// Hands freed memory back (as the daemon does after a full sync) and
+/// restarts the count of `VmHWM`, so that the next peak is the next step's.
+fn trim_and_reset_peak() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    // "5" resets the peak RSS (proc(5), /proc/pid/clear_refs).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// `VmRSS` and `VmHWM` (peak) of this process, in MiB.
@@ -186,17 +201,19 @@ fn main() -> Result<()> {
     );
 
     let mut state = desired_state(&shape);
+    let mut cache = RenderCache::new(IpFamily::V4);
     let start = Instant::now();
-    let mut ruleset = render(&state, IpFamily::V4);
+    let mut ruleset = cache.render(&state);
     let render_time = start.elapsed();
     println!(
-        "render: {} rules in {}",
+        "first render: {} rules in {}",
         ruleset.rule_count(),
         secs(render_time)
     );
     let (rss_rendered, _) = memory();
 
     // 1. Full initial sync into empty tables.
+    trim_and_reset_peak();
     let mut syncer = Syncer::new(ipt());
     let full = timed_sync(&mut syncer, &ruleset)?;
     ensure!(full.full, "the first sync was not full");
@@ -218,6 +235,7 @@ fn main() -> Result<()> {
     //    by round so that the three see the same machine.
     let services = state.services.len();
     let (mut floors, mut upstream, mut changes, mut renders) = (vec![], vec![], vec![], vec![]);
+    let (mut fresh_changes, mut fresh_renders, mut syncer_alone) = (vec![], vec![], vec![]);
     for round in 0..args.rounds {
         let (add, remove) = floor_service(round);
         floors.push(checker.restore(Table::Nat, &add)?);
@@ -225,21 +243,49 @@ fn main() -> Result<()> {
 
         upstream.push(checker.restore(Table::Nat, &services_rewrite(&ruleset)?)?);
 
-        replace_endpoint(&mut state, (round * 997 + 123) % services, round);
         // As the daemon does: the last ruleset is gone before the next is
-        // rendered.
+        // rendered, and the cache renders only the changed service.
+        replace_endpoint(&mut state, (round * 997 + 123) % services, round);
         drop(ruleset);
         let start = Instant::now();
-        ruleset = render(&state, IpFamily::V4);
+        ruleset = cache.render(&state);
         renders.push(start.elapsed());
+        ensure!(
+            cache.last_render().rendered == 1,
+            "the cache rendered {:?}",
+            cache.last_render()
+        );
         let change = timed_sync(&mut syncer, &ruleset)?;
         ensure!(
             !change.full && change.transactions == 1,
             "an endpoint change took more than one partial transaction: {change}"
         );
-        changes.push(change.elapsed);
+        changes.push(start.elapsed());
+        syncer_alone.push(change.elapsed);
     }
     let (rss_changes, _) = memory();
+
+    // The same with a fresh render each time, whose groups the syncer must
+    // compare rule by rule: what every change cost before renders were
+    // cached.
+    for round in 0..args.rounds {
+        replace_endpoint(&mut state, (round * 997 + 500) % services, round + 1000);
+        drop(ruleset);
+        let start = Instant::now();
+        ruleset = render(&state, IpFamily::V4);
+        fresh_renders.push(start.elapsed());
+        let change = timed_sync(&mut syncer, &ruleset)?;
+        ensure!(
+            !change.full && change.transactions == 1,
+            "an endpoint change took more than one partial transaction: {change}"
+        );
+        fresh_changes.push(start.elapsed());
+    }
+    // Back to the cache's groups, which the syncer no longer knows: one sync
+    // that compares them.
+    drop(ruleset);
+    ruleset = cache.render(&state);
+    timed_sync(&mut syncer, &ruleset)?;
 
     // 3. A restarted syncer adopts the loaded node.
     drop(syncer);
@@ -250,6 +296,10 @@ fn main() -> Result<()> {
         saves.push(start.elapsed());
         drop(text);
     }
+    // The peak from here on is the adoption's; the fresh renders above left
+    // freed memory that the daemon would not have.
+    trim_and_reset_peak();
+    let (rss_before_adopt, _) = memory();
     let mut restarted = Syncer::new(ipt());
     let adopt = timed_sync(&mut restarted, &ruleset)?;
     ensure!(adopt.full, "a new syncer's first sync was not full");
@@ -271,11 +321,18 @@ fn main() -> Result<()> {
         full.transactions,
         full.lines
     );
+    let ratio = |d: Duration| d.as_secs_f64() / floor.as_secs_f64();
+    let syncer_alone = median(syncer_alone);
+    let fresh = median(fresh_changes);
     println!(
-        "| one endpoint change, sync start → kernel updated (median of {}) | {} (1 transaction) = {:.2} × floor | floor (one restore adding a service with `-I`): {}; upstream (rewrite `KUBE-SERVICES`): {} | ≤ 1.3 × floor |",
+        "| one endpoint change, render (cached) + sync → kernel updated (median of {}) | {} (1 transaction) = {:.2} × floor; the syncer alone {} = {:.2} × floor; with a fresh render instead {} = {:.2} × floor | floor (one restore adding a service with `-I`): {}; upstream (rewrite `KUBE-SERVICES`): {} | ≤ 1.3 × floor |",
         args.rounds,
         secs(change),
-        change.as_secs_f64() / floor.as_secs_f64(),
+        ratio(change),
+        secs(syncer_alone),
+        ratio(syncer_alone),
+        secs(fresh),
+        ratio(fresh),
         secs(floor),
         secs(median(upstream)),
     );
@@ -287,7 +344,7 @@ fn main() -> Result<()> {
         secs(save),
     );
     println!(
-        "| resident memory: desired state + ruleset + syncer | {rss_changes:.0} MiB steady; peak {hwm:.0} MiB (during full syncs) | after render {rss_rendered:.0} MiB; after full sync {rss_full:.0} MiB (peak {hwm_full:.0}); after adopt {rss_adopt:.0} MiB; the syncer's own view: {view_mib:.1} MiB | ≤ 150 MiB |"
+        "| resident memory: desired state + render cache + ruleset + syncer | {rss_changes:.0} MiB after the endpoint changes; peak of the full sync {hwm_full:.0} MiB, of the adoption {hwm:.0} MiB | after the first render {rss_rendered:.0} MiB; after the full sync {rss_full:.0} MiB; before / after the adoption {rss_before_adopt:.0} / {rss_adopt:.0} MiB; the syncer's own view: {view_mib:.1} MiB | ≤ 150 MiB for the daemon |"
     );
     println!(
         "| nothing changed (partial sync) | {} | — | — |",
@@ -298,8 +355,9 @@ fn main() -> Result<()> {
         secs(median(canary_times))
     );
     println!(
-        "| render (not part of the sync) | {} | — | — |",
-        secs(median(renders))
+        "| render of one changed service, cached | {} | a fresh render: {} | — |",
+        secs(median(renders)),
+        secs(median(fresh_renders))
     );
     println!("\nload {} at end", load());
     Ok(())

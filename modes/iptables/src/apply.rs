@@ -37,7 +37,7 @@ use crate::canary;
 use crate::error::Error;
 use crate::exec::Iptables;
 use crate::names::{self, is_service_chain};
-use crate::save::{self, SavedTable};
+use crate::save::{self, KernelTable, SavedTable};
 use crate::{Chain, Jump, Ruleset, ServiceChains, Table};
 
 /// Service chain groups per nat transaction. At 100 upstream-shaped services
@@ -145,7 +145,8 @@ pub(crate) fn edits<'a>(
 /// in the order of `have`; insertions in reverse desired order, so that once
 /// each is inserted at position 1 they stand in the desired order.
 pub(crate) fn body_edits<'a>(have: impl Iterator<Item = &'a str>, want: &'a [String]) -> Edits<'a> {
-    let mut wanted: HashMap<&str, u32> = HashMap::with_capacity(want.len());
+    let mut wanted: HashMap<&str, u32, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(want.len(), Default::default());
     for rule in want {
         *wanted.entry(rule.as_str()).or_default() += 1;
     }
@@ -199,42 +200,55 @@ impl PlanOptions {
     }
 }
 
-/// What the kernel holds now: one parsed `iptables-save` dump per table.
+/// What the kernel holds now: each table read, as much of it as a plan needs
+/// ([`KernelTable`]: the rules of service chains only as a hash).
 #[derive(Debug, Default)]
-pub struct Current<'a> {
-    tables: Vec<(Table, SavedTable<'a>)>,
+pub struct Current {
+    tables: Vec<(Table, KernelTable)>,
 }
 
-impl<'a> Current<'a> {
+impl Current {
     pub fn new() -> Self {
         Current { tables: Vec::new() }
     }
 
-    /// Adds (or replaces) the dump of `table`.
-    pub fn with(mut self, table: Table, saved: SavedTable<'a>) -> Self {
+    /// Adds (or replaces) the dump of `table`, parsed.
+    pub fn with(self, table: Table, saved: SavedTable<'_>) -> Self {
+        self.with_table(table, KernelTable::from(&saved))
+    }
+
+    /// Adds (or replaces) `table`, read with [`save::read_listing`] or
+    /// [`save::read_save`].
+    pub fn with_table(mut self, table: Table, read: KernelTable) -> Self {
         self.tables.retain(|(t, _)| *t != table);
-        self.tables.push((table, saved));
+        self.tables.push((table, read));
         self
     }
 
-    /// The dump of `table`, if it was read.
-    pub fn table(&self, table: Table) -> Option<&SavedTable<'a>> {
+    /// What was read of `table`, if it was.
+    pub fn table(&self, table: Table) -> Option<&KernelTable> {
         self.tables
             .iter()
             .find(|(t, _)| *t == table)
             .map(|(_, s)| s)
     }
 
-    /// The kernel's rules of a chain; `None` if the chain does not exist.
-    fn rules(&self, table: Table, chain: &str) -> Option<&[&'a str]> {
-        self.table(table)?.chain(chain).map(|c| c.rules.as_slice())
+    /// The kernel's rules of a chain that is not a service chain; `None` if
+    /// the chain does not exist.
+    fn rules(&self, table: Table, chain: &str) -> Option<Vec<&str>> {
+        self.table(table)?.rules(chain)
     }
 
     /// The chain exists and holds exactly the desired rules.
     fn holds(&self, table: Table, chain: &Chain) -> bool {
-        self.rules(table, &chain.name).is_some_and(|rules| {
-            rules.len() == chain.rules.len() && rules.iter().zip(&chain.rules).all(|(a, b)| a == b)
-        })
+        self.table(table)
+            .is_some_and(|t| t.holds(&chain.name, &chain.rules))
+    }
+
+    /// The table holds the canary, rule included (see [`canary::holds`]).
+    pub fn holds_canary(&self, table: Table) -> bool {
+        self.table(table)
+            .is_some_and(|t| t.holds(canary::CHAIN, &[canary::RULE]))
     }
 }
 
@@ -524,7 +538,7 @@ pub fn plan_each<E>(
             &mut plan,
         );
     }
-    if options.canary && !canary::holds(current.table(Table::Filter)) {
+    if options.canary && !current.holds_canary(Table::Filter) {
         filter.write_chain(&canary::chain());
     }
     let missing = missing_jumps(current, desired, Table::Filter, &mut plan);
@@ -560,7 +574,7 @@ pub fn plan_each<E>(
         write_or_edit(current, Table::Nat, chain, options, &mut nat, &mut plan);
     }
     // Last, so that a canary in place means a sync got this far.
-    if options.canary && !canary::holds(current.table(Table::Nat)) {
+    if options.canary && !current.holds_canary(Table::Nat) {
         nat.write_chain(&canary::chain());
     }
     // Stale chains are unreachable once the entry chains are rewritten: a few
@@ -606,7 +620,7 @@ fn write_or_edit(
     if options.edit_shared_chains
         && is_unordered(table, &chain.name)
         && let Some(have) = current.rules(table, &chain.name)
-        && let Some(edits) = edits(table, &chain.name, have, &chain.rules)
+        && let Some(edits) = edits(table, &chain.name, &have, &chain.rules)
     {
         if edits.is_empty() {
             plan.chains_unchanged += 1;
@@ -632,7 +646,8 @@ fn missing_jumps<'r>(
     let mut missing = Vec::new();
     for jump in desired.jumps.iter().filter(|j| j.table == table) {
         let present = current
-            .rules(table, jump.builtin)
+            .table(table)
+            .and_then(|t| t.rules(jump.builtin))
             .is_some_and(|rules| rules.contains(&jump.rule.as_str()));
         if present {
             plan.jumps_present += 1;
@@ -646,38 +661,40 @@ fn missing_jumps<'r>(
 /// Service chains in the kernel's nat table that the ruleset no longer has:
 /// those to delete, and those that must stay because a chain kproxy does not
 /// write (someone else's, or a stale chain that stays) still jumps to them.
-fn stale_chains<'a>(current: &Current<'a>, desired: &Ruleset) -> (Vec<&'a str>, Vec<String>) {
+fn stale_chains<'c>(current: &'c Current, desired: &Ruleset) -> (Vec<&'c str>, Vec<String>) {
     let Some(nat) = current.table(Table::Nat) else {
         return (Vec::new(), Vec::new());
     };
     let wanted: HashSet<&str> = desired.nat_chains().map(|c| c.name.as_str()).collect();
-    let mut stale: HashMap<&'a str, bool> = nat
-        .chains
+    let chains = nat.chains();
+    // Per chain: None for a chain that is not stale, Some(kept) for one that is.
+    let mut stale: Vec<Option<bool>> = chains
         .iter()
-        .filter(|c| !c.is_builtin() && is_service_chain(c.name) && !wanted.contains(c.name))
-        .map(|c| (c.name, false))
+        .map(|c| {
+            (!c.builtin && is_service_chain(&c.name) && !wanted.contains(&*c.name)).then_some(false)
+        })
         .collect();
-    if stale.is_empty() {
+    if stale.iter().all(Option::is_none) {
         return (Vec::new(), Vec::new());
     }
     // Chains that survive this plan unchanged and are not kproxy's to rewrite.
     // Desired chains are left out: once written they only jump to desired chains.
-    let mut pending: Vec<&'a str> = Vec::new();
-    for chain in &nat.chains {
-        if !stale.contains_key(chain.name) && !wanted.contains(chain.name) {
-            keep_targets(&chain.rules, &mut stale, &mut pending);
+    let mut pending: Vec<u32> = Vec::new();
+    for (i, chain) in chains.iter().enumerate() {
+        if stale[i].is_none() && !wanted.contains(&*chain.name) {
+            keep_targets(chain.targets(), &mut stale, &mut pending);
         }
     }
     // A kept chain is not flushed, so what it jumps to must stay too.
-    while let Some(name) = pending.pop() {
-        keep_targets(nat.rules(name), &mut stale, &mut pending);
+    while let Some(i) = pending.pop() {
+        keep_targets(chains[i as usize].targets(), &mut stale, &mut pending);
     }
-    // In dump order, for a stable plan.
+    // In listing order, for a stable plan.
     let mut delete = Vec::new();
     let mut kept = Vec::new();
-    for chain in &nat.chains {
-        match stale.get(chain.name) {
-            Some(false) => delete.push(chain.name),
+    for (chain, state) in chains.iter().zip(&stale) {
+        match state {
+            Some(false) => delete.push(&*chain.name),
             Some(true) => kept.push(chain.name.to_string()),
             None => {}
         }
@@ -685,19 +702,12 @@ fn stale_chains<'a>(current: &Current<'a>, desired: &Ruleset) -> (Vec<&'a str>, 
     (delete, kept)
 }
 
-/// Marks the stale chains `rules` jump to as kept, queueing newly kept ones.
-fn keep_targets<'a>(
-    rules: &[&'a str],
-    stale: &mut HashMap<&'a str, bool>,
-    pending: &mut Vec<&'a str>,
-) {
-    for rule in rules {
-        if let Some(target) = jump_target(rule)
-            && let Some(keep) = stale.get_mut(target)
-            && !*keep
-        {
+/// Marks the stale chains among `targets` as kept, queueing newly kept ones.
+fn keep_targets(targets: &[u32], stale: &mut [Option<bool>], pending: &mut Vec<u32>) {
+    for &t in targets {
+        if let Some(keep @ false) = &mut stale[t as usize] {
             *keep = true;
-            pending.push(target);
+            pending.push(t);
         }
     }
 }
@@ -800,11 +810,6 @@ impl fmt::Display for ApplyReport {
     }
 }
 
-/// Reads the tables `desired` touches and returns their dumps, parsed.
-fn read_tables(ipt: &Iptables, tables: &[Table]) -> Result<Vec<(Table, String)>, Error> {
-    tables.iter().map(|&t| Ok((t, ipt.save(t)?))).collect()
-}
-
 pub(crate) fn parse_dump<'a>(
     ipt: &Iptables,
     table: Table,
@@ -825,10 +830,10 @@ pub(crate) fn parse_dump<'a>(
 pub fn apply(ipt: &Iptables, desired: &Ruleset) -> Result<ApplyReport, Error> {
     let start = Instant::now();
     let save_start = Instant::now();
-    let dumps = read_tables(ipt, &tables_of(desired))?;
     let mut current = Current::new();
-    for (table, text) in &dumps {
-        current = current.with(*table, parse_dump(ipt, *table, text)?);
+    for table in tables_of(desired) {
+        let read = ipt.save_with(table, |out| save::read_save(out, table))?;
+        current = current.with_table(table, read);
     }
     let save_time = save_start.elapsed();
 
@@ -911,7 +916,7 @@ mod tests {
             "KUBE-FORWARD",
             &["-m conntrack --ctstate INVALID -j DROP"],
         )];
-        r.services = (0..services).map(|i| group(i, 80)).collect();
+        r.services = (0..services).map(|i| group(i, 80).into()).collect();
         let mut svc = chain("KUBE-SERVICES", &[]);
         for i in 0..services {
             svc.rules.push(format!(
@@ -1003,13 +1008,17 @@ mod tests {
         out + "COMMIT\n"
     }
 
-    fn current<'a>(filter: &'a str, nat: &'a str) -> Current<'a> {
+    /// The dumps as `apply` reads them: streamed, service chains hashed.
+    fn current(filter: &str, nat: &str) -> Current {
         Current::new()
-            .with(
+            .with_table(
                 Table::Filter,
-                save::parse_table(filter, Table::Filter).unwrap(),
+                save::read_save(&mut filter.as_bytes(), Table::Filter).unwrap(),
             )
-            .with(Table::Nat, save::parse_table(nat, Table::Nat).unwrap())
+            .with_table(
+                Table::Nat,
+                save::read_save(&mut nat.as_bytes(), Table::Nat).unwrap(),
+            )
     }
 
     fn empty_tables() -> (String, String) {
@@ -1120,7 +1129,7 @@ mod tests {
         let filter = dump(&old, Table::Filter, &[], &[]);
         let nat = dump(&old, Table::Nat, &[], &[]);
         let mut desired = old.clone();
-        desired.services[7] = group(7, 8080);
+        desired.services[7] = group(7, 8080).into();
         let plan = plan(&current(&filter, &nat), &desired);
         assert_eq!(plan.transactions.len(), 1, "{plan}");
         let tx = &plan.transactions[0];
@@ -1269,7 +1278,7 @@ mod tests {
             let mut g = group(i, 80);
             let sep = g.chains[1].rules[0].clone();
             g.chains[1].rules = vec![sep; 3_000];
-            desired.services.push(g);
+            desired.services.push(g.into());
         }
         let (filter, nat) = empty_tables();
         let plan = plan(&current(&filter, &nat), &desired);
@@ -1364,7 +1373,7 @@ mod tests {
         let mut desired = old.clone();
         let gone = desired.nat[0].rules.remove(4);
         desired.services.remove(4);
-        desired.services.push(group(77, 80));
+        desired.services.push(group(77, 80).into());
         let new_rule = "-d 10.96.9.9/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-0000000000000077";
         desired.nat[0].rules.push(new_rule.into());
         let plan = plan_with(&current(&filter, &nat), &desired, EDIT);

@@ -1,6 +1,6 @@
 //! Running `iptables-save` and `iptables-restore`.
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -9,6 +9,7 @@ use kproxy_model::IpFamily;
 
 use crate::Table;
 use crate::error::{Error, FailedLine, failing_line_number, tidy_stderr};
+use crate::save::ParseError;
 
 /// Seconds `iptables-restore` waits for the xtables lock (`-w`). Only the legacy
 /// backend takes that lock, but every other writer on the node (kubelet, CNI
@@ -272,6 +273,95 @@ impl Iptables {
             table: table.as_str(),
             line: 0,
             reason: format!("output is not UTF-8: {e}"),
+        })
+    }
+
+    /// [`list_table`](Iptables::list_table), its output handed to `read` as
+    /// it comes instead of collected: the nat table of a large node lists
+    /// tens of MB. Counted as a save in [`Iptables::stats`].
+    pub fn list_table_with<T>(
+        &self,
+        table: Table,
+        read: impl FnOnce(&mut dyn BufRead) -> Result<T, ParseError>,
+    ) -> Result<T, Error> {
+        let program = self.cli_program();
+        let shown = format!("{program} -S");
+        self.read_output(
+            &program,
+            &["-w", LOCK_WAIT_SECONDS, "-t", table.as_str(), "-S"],
+            &shown,
+            table,
+            read,
+        )
+    }
+
+    /// [`save`](Iptables::save), its output handed to `read` as it comes.
+    pub fn save_with<T>(
+        &self,
+        table: Table,
+        read: impl FnOnce(&mut dyn BufRead) -> Result<T, ParseError>,
+    ) -> Result<T, Error> {
+        let program = self.save_program();
+        self.read_output(&program, &["-t", table.as_str()], &program, table, read)
+    }
+
+    /// Runs `program args` and hands its standard output to `read` while it
+    /// runs. Whatever `read` leaves is drained, so the program always runs
+    /// to its end; its failure is reported before `read`'s.
+    fn read_output<T>(
+        &self,
+        program: &str,
+        args: &[&str],
+        shown: &str,
+        table: Table,
+        read: impl FnOnce(&mut dyn BufRead) -> Result<T, ParseError>,
+    ) -> Result<T, Error> {
+        let start = Instant::now();
+        let mut child = self
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| self.spawn_error(program, e))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        // stderr on a thread of its own: a chatty program must not block on a
+        // full stderr pipe while stdout is being read.
+        let (result, stderr, status) = std::thread::scope(|s| {
+            let errors = s.spawn(move || {
+                let mut text = Vec::new();
+                let _ = stderr.read_to_end(&mut text);
+                text
+            });
+            let mut stdout = BufReader::with_capacity(1 << 16, stdout);
+            let result = read(&mut stdout);
+            let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+            drop(stdout);
+            let status = child.wait();
+            (
+                result,
+                errors.join().expect("stderr reader panicked"),
+                status,
+            )
+        });
+        let status = status.map_err(|e| self.spawn_error(program, e))?;
+        self.counters.saves.fetch_add(1, Ordering::Relaxed);
+        add_time(&self.counters.save_nanos, start.elapsed());
+        if !status.success() {
+            return Err(Error::SaveFailed {
+                program: shown.to_string(),
+                table: table.as_str(),
+                status,
+                stderr: tidy_stderr(&String::from_utf8_lossy(&stderr)),
+            });
+        }
+        result.map_err(|e| Error::SaveUnparseable {
+            program: shown.to_string(),
+            table: table.as_str(),
+            line: e.line,
+            reason: e.reason,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The rules kproxy wants in one address family's tables.
 
 use std::io::{self, Write};
+use std::sync::Arc;
 
 use kproxy_model::IpFamily;
 
@@ -53,6 +54,11 @@ pub struct Jump {
 /// KUBE-FW and KUBE-SEP chains. They are only reachable through the
 /// service's rules in the shared chains, so a group can be written in a
 /// transaction of its own.
+///
+/// A [`Ruleset`] holds its groups behind an [`Arc`]: a
+/// [`RenderCache`](crate::render::RenderCache) hands the same group to every
+/// ruleset until its service changes, and the syncer knows a group it has
+/// already written by its address.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ServiceChains {
     /// `namespace/name:port` and protocol, for logs.
@@ -70,7 +76,7 @@ pub struct Ruleset {
     /// KUBE-POSTROUTING. Rules in them point into `services`.
     pub nat: Vec<Chain>,
     /// Per-service nat chains, in service order.
-    pub services: Vec<ServiceChains>,
+    pub services: Vec<Arc<ServiceChains>>,
     /// Jumps from the built-in chains into kproxy's chains, in the order they
     /// must stand at the head of each built-in chain.
     pub jumps: Vec<Jump>,

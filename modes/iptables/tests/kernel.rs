@@ -288,7 +288,7 @@ fn ruleset(family: IpFamily, services: &[Svc]) -> Ruleset {
                 }
             ));
         } else {
-            r.services.push(group);
+            r.services.push(group.into());
         }
     }
     kube_services.push(

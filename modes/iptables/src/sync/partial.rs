@@ -2,7 +2,10 @@
 //! kproxy last wrote ([`View`]) to a new ruleset, without reading the kernel.
 //!
 //! Restore input grows with the change, not with the number of services:
-//! - a chain written whole is written again only if its hash changed;
+//! - a service group the view knows (the same `Arc`, from a
+//!   [`RenderCache`](crate::render::RenderCache)) is unchanged, without
+//!   looking at its rules;
+//! - any other chain written whole is written again only if its hash changed;
 //! - the unordered shared chains (nat `KUBE-SERVICES`, ...) get `-D` for each
 //!   rule that went and `-I CHAIN 1` for each that came;
 //! - chains no longer desired are flushed and deleted after the rules that
@@ -49,12 +52,18 @@ pub(crate) fn plan(view: &mut View, desired: &Ruleset, options: PlanOptions) -> 
     }
     let mut changed: Vec<&Chain> = Vec::new();
     for group in &desired.services {
+        if view.known_group(group) {
+            plan.services_unchanged += 1;
+            plan.chains_unchanged += group.chains.len();
+            continue;
+        }
         changed.clear();
         for chain in &group.chains {
-            if matches!(view.update(Table::Nat, chain), Change::Write) {
+            if matches!(view.update_in(group, chain), Change::Write) {
                 changed.push(chain);
             }
         }
+        view.remember_group(group);
         if changed.is_empty() {
             plan.services_unchanged += 1;
             plan.chains_unchanged += group.chains.len();
@@ -124,8 +133,10 @@ fn sync_chain(
                 false
             }
             Some(_) => {
+                // The same rules in another order: nothing to write, but the
+                // view learns the new order, to know it at once next time.
                 plan.chains_unchanged += 1;
-                return;
+                false
             }
             None => true,
         },
@@ -162,6 +173,7 @@ mod tests {
     use super::*;
     use crate::{Jump, ServiceChains};
     use kproxy_model::IpFamily;
+    use std::sync::Arc;
 
     fn partial_plan(view: &mut View, desired: &Ruleset) -> Plan {
         plan(view, desired, PlanOptions::default())
@@ -232,7 +244,7 @@ mod tests {
         r.services = services
             .iter()
             .filter(|(_, n)| *n > 0)
-            .map(|&(i, n)| group(i, n))
+            .map(|&(i, n)| group(i, n).into())
             .collect();
         r.jumps = vec![Jump {
             table: Table::Nat,
@@ -255,6 +267,33 @@ mod tests {
         assert_eq!(plan.services_unchanged, 20);
         // Again, from the view the empty plan left.
         assert!(partial_plan(&mut view, &r).is_empty());
+    }
+
+    #[test]
+    fn groups_the_view_knows_are_skipped_and_new_ones_compared() {
+        let old = ruleset(&base(10), &[]);
+        let mut view = View::of(&old);
+        // The same groups (one Arc each, as a render cache hands them out),
+        // but group 4 rendered again with the same rules and group 6 changed.
+        let mut new = old.clone();
+        new.services[4] = Arc::new((*old.services[4]).clone());
+        let mut changed = (*old.services[6]).clone();
+        changed.chains[1].rules[0].push_str(" --random");
+        new.services[6] = Arc::new(changed);
+        assert!(Arc::ptr_eq(&new.services[0], &old.services[0]));
+        let plan = partial_plan(&mut view, &new);
+        assert_eq!(plan.transactions.len(), 1, "{plan}");
+        let text = &plan.transactions[0].text;
+        assert!(
+            text.contains(":KUBE-SEP-0000000000060000 - [0:0]\n"),
+            "{text}"
+        );
+        assert_eq!(plan.transactions[0].chains_written, 1);
+        assert_eq!(plan.services_unchanged, 9);
+        // Both new groups are known from now on; the old ones are forgotten.
+        assert_eq!(view.known_groups(), 10);
+        assert!(partial_plan(&mut view, &new).is_empty());
+        assert_eq!(view.known_groups(), 10);
     }
 
     #[test]
