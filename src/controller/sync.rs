@@ -151,6 +151,18 @@ impl Worker {
             services_translated = stats.translated,
             "translated"
         );
+        // Cheap (one /proc read) and re-checked every sync: the node's
+        // settings can change, and someone may have reset the sysctl.
+        match kproxy_iptables::sysctl::ensure_route_localnet(
+            std::path::Path::new(kproxy_iptables::sysctl::PROC_SYS),
+            &state.node,
+        ) {
+            Ok(true) => {
+                info!("set net.ipv4.conf.all.route_localnet=1 so NodePorts answer on 127.0.0.1")
+            }
+            Ok(false) => {}
+            Err(err) => warn!("cannot turn on net.ipv4.conf.all.route_localnet: {err}"),
+        }
         let outcome = self.rules.sync(state, &self.observers, started);
         if !outcome.ok {
             self.schedule.failed();
