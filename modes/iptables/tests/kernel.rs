@@ -4,8 +4,6 @@
 //! They need root and `ip`; without them each test says why and passes without
 //! checking anything. CI runs as root, so there they run.
 
-use std::process::Command;
-
 use kproxy_iptables::apply::apply;
 use kproxy_iptables::cleanup::cleanup;
 use kproxy_iptables::exec::{Backend, Iptables};
@@ -14,91 +12,8 @@ use kproxy_iptables::save::parse_table;
 use kproxy_iptables::{Chain, Error, Jump, Ruleset, ServiceChains, Table};
 use kproxy_model::{Endpoint, IpFamily, Protocol, ServicePortName};
 
-// ---------------------------------------------------------------------------
-// Namespaces
-
-/// A network namespace that lives as long as the value.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// A fresh namespace for `test`, or `None` (with the reason printed) when
-    /// this machine cannot run kernel tests.
-    fn new(test: &str) -> Option<Netns> {
-        if !is_root() {
-            eprintln!("skipping {test}: needs root");
-            return None;
-        }
-        let name = format!("kpt-ipt-{test}-{}", std::process::id());
-        match Command::new("ip").args(["netns", "add", &name]).status() {
-            Ok(s) if s.success() => Some(Netns { name }),
-            Ok(s) => panic!("ip netns add {name} failed: {s}"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipping {test}: `ip` is not installed");
-                None
-            }
-            Err(e) => panic!("ip netns add {name}: {e}"),
-        }
-    }
-
-    fn iptables(&self, family: IpFamily) -> Iptables {
-        Iptables::in_netns(family, &self.name)
-    }
-
-    /// Runs a command inside the namespace and returns its stdout.
-    fn run(&self, program: &str, args: &[&str], stdin: Option<&str>) -> String {
-        use std::io::Write;
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn ip netns exec");
-        let mut pipe = child.stdin.take().unwrap();
-        if let Some(input) = stdin {
-            pipe.write_all(input.as_bytes()).unwrap();
-        }
-        drop(pipe);
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Loads restore input with the plain restore program of `family`.
-    fn restore(&self, family: IpFamily, input: &str) {
-        let program = match family {
-            IpFamily::V4 => "iptables-restore",
-            IpFamily::V6 => "ip6tables-restore",
-        };
-        self.run(program, &["--noflush"], Some(input));
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
+mod common;
+use common::Netns;
 
 // ---------------------------------------------------------------------------
 // Rulesets shaped like upstream's
@@ -546,7 +461,7 @@ fn assert_foreign_intact(ipt: &Iptables) {
 
 #[test]
 fn apply_into_empty_tables_matches_and_second_apply_writes_nothing() {
-    let Some(ns) = Netns::new("empty") else {
+    let Some(ns) = Netns::new("ipt", "empty") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4);
@@ -572,7 +487,7 @@ fn apply_into_empty_tables_matches_and_second_apply_writes_nothing() {
 
 #[test]
 fn a_node_loaded_from_dry_run_output_is_adopted() {
-    let Some(ns) = Netns::new("adopt") else {
+    let Some(ns) = Netns::new("ipt", "adopt") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4);
@@ -585,7 +500,7 @@ fn a_node_loaded_from_dry_run_output_is_adopted() {
 
 #[test]
 fn changing_one_service_rewrites_its_group_and_kube_services_only() {
-    let Some(ns) = Netns::new("change") else {
+    let Some(ns) = Netns::new("ipt", "change") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4);
@@ -610,7 +525,7 @@ fn changing_one_service_rewrites_its_group_and_kube_services_only() {
 
 #[test]
 fn removing_a_service_deletes_its_chains() {
-    let Some(ns) = Netns::new("remove") else {
+    let Some(ns) = Netns::new("ipt", "remove") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4);
@@ -638,7 +553,7 @@ fn removing_a_service_deletes_its_chains() {
 
 #[test]
 fn foreign_rules_survive_apply_and_cleanup() {
-    let Some(ns) = Netns::new("foreign") else {
+    let Some(ns) = Netns::new("ipt", "foreign") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4);
@@ -688,7 +603,9 @@ fn foreign_rules_survive_apply_and_cleanup() {
 
 #[test]
 fn cleanup_keeps_tables_and_built_in_chains() {
-    let Some(ns) = Netns::new("keep") else { return };
+    let Some(ns) = Netns::new("ipt", "keep") else {
+        return;
+    };
     let ipt = ns.iptables(IpFamily::V4);
     let desired = ruleset(IpFamily::V4, &demo_services(IpFamily::V4));
     apply(&ipt, &desired).unwrap();
@@ -713,7 +630,7 @@ fn cleanup_keeps_tables_and_built_in_chains() {
     assert_eq!(kube_chains(&ipt, Table::Filter), ["KUBE-FIREWALL"]);
 
     // The tables and their built-in (hooked) chains are all still there.
-    let tables = ns.run("nft", &["list", "tables"], None);
+    let tables = ns.run("nft", &["list", "tables"]);
     for t in ["table ip nat", "table ip filter", "table ip mangle"] {
         assert!(tables.contains(t), "{t} gone:\n{tables}");
     }
@@ -726,7 +643,7 @@ fn cleanup_keeps_tables_and_built_in_chains() {
 fn nft_base_chains(ns: &Netns) -> Vec<String> {
     let mut found = Vec::new();
     for table in ["filter", "nat", "mangle"] {
-        let text = ns.run("nft", &["list", "table", "ip", table], None);
+        let text = ns.run("nft", &["list", "table", "ip", table]);
         let mut chain = None;
         for line in text.lines().map(str::trim) {
             if let Some(rest) = line.strip_prefix("chain ") {
@@ -742,7 +659,7 @@ fn nft_base_chains(ns: &Netns) -> Vec<String> {
 
 #[test]
 fn stale_chain_still_referenced_by_someone_else_is_kept() {
-    let Some(ns) = Netns::new("stale") else {
+    let Some(ns) = Netns::new("ipt", "stale") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4);
@@ -780,7 +697,9 @@ fn stale_chain_still_referenced_by_someone_else_is_kept() {
 
 #[test]
 fn ipv6_apply_and_cleanup() {
-    let Some(ns) = Netns::new("v6") else { return };
+    let Some(ns) = Netns::new("ipt", "v6") else {
+        return;
+    };
     let ipt = ns.iptables(IpFamily::V6);
     ns.restore(IpFamily::V6, &foreign_setup(IpFamily::V6));
     let desired = ruleset(IpFamily::V6, &demo_services(IpFamily::V6));
@@ -802,7 +721,9 @@ fn ipv6_apply_and_cleanup() {
 
 #[test]
 fn a_bad_rule_is_an_error_naming_the_line() {
-    let Some(ns) = Netns::new("bad") else { return };
+    let Some(ns) = Netns::new("ipt", "bad") else {
+        return;
+    };
     let ipt = ns.iptables(IpFamily::V4);
     let mut desired = ruleset(IpFamily::V4, &demo_services(IpFamily::V4));
     desired.filter[0]
@@ -824,7 +745,7 @@ fn a_bad_rule_is_an_error_naming_the_line() {
 
 #[test]
 fn legacy_backend_apply_and_cleanup() {
-    let Some(ns) = Netns::new("legacy") else {
+    let Some(ns) = Netns::new("ipt", "legacy") else {
         return;
     };
     let ipt = ns.iptables(IpFamily::V4).with_backend(Backend::Legacy);
@@ -852,7 +773,7 @@ fn legacy_backend_apply_and_cleanup() {
 #[test]
 #[ignore]
 fn large_ruleset_loads_in_batches_and_is_adopted() {
-    let Some(ns) = Netns::new("large") else {
+    let Some(ns) = Netns::new("ipt", "large") else {
         return;
     };
     let n: usize = std::env::var("KPROXY_SCALE_SERVICES")

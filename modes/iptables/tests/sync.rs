@@ -22,72 +22,8 @@ use kproxy_model::{
     Protocol, ServicePort, ServicePortName,
 };
 
-// ---------------------------------------------------------------------------
-// Namespaces
-
-/// A network namespace that lives as long as the value.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    /// A fresh namespace for `test`, or `None` (with the reason printed) when
-    /// this machine cannot run kernel tests.
-    fn new(test: &str) -> Option<Netns> {
-        if !is_root() {
-            eprintln!("skipping {test}: needs root");
-            return None;
-        }
-        let name = format!("kpt-sync-{test}-{}", std::process::id());
-        match Command::new("ip").args(["netns", "add", &name]).status() {
-            Ok(s) if s.success() => Some(Netns { name }),
-            Ok(s) => panic!("ip netns add {name} failed: {s}"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                eprintln!("skipping {test}: `ip` is not installed");
-                None
-            }
-            Err(e) => panic!("ip netns add {name}: {e}"),
-        }
-    }
-
-    fn iptables(&self, family: IpFamily) -> Iptables {
-        Iptables::in_netns(family, &self.name)
-    }
-
-    /// Runs a command inside the namespace and returns its stdout.
-    fn run(&self, program: &str, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .expect("spawn ip netns exec");
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
+mod common;
+use common::Netns;
 
 // ---------------------------------------------------------------------------
 // Clusters, rendered by the real renderer
@@ -291,7 +227,7 @@ fn sync(syncer: &mut Syncer, desired: &Ruleset) -> SyncReport {
 
 #[test]
 fn full_then_partial_syncs_write_only_the_change() {
-    let Some(ns) = Netns::new("steps") else {
+    let Some(ns) = Netns::new("sync", "steps") else {
         return;
     };
     let mut cluster = Cluster::new(IpFamily::V4, 50, 3);
@@ -394,7 +330,7 @@ fn full_then_partial_syncs_write_only_the_change() {
 fn adding_a_service_costs_the_same_on_50_or_500() {
     let mut lines = Vec::new();
     for n in [50, 500] {
-        let Some(ns) = Netns::new(&format!("size{n}")) else {
+        let Some(ns) = Netns::new("sync", &format!("size{n}")) else {
             return;
         };
         // One endpoint each: 501 endpoints stay under the 1,000 above which
@@ -415,7 +351,7 @@ fn adding_a_service_costs_the_same_on_50_or_500() {
 
 #[test]
 fn a_flushed_table_is_noticed_and_restored() {
-    let Some(ns) = Netns::new("flush") else {
+    let Some(ns) = Netns::new("sync", "flush") else {
         return;
     };
     let cluster = Cluster::new(IpFamily::V4, 20, 2);
@@ -456,7 +392,9 @@ fn a_flushed_table_is_noticed_and_restored() {
 
 #[test]
 fn a_failed_restore_makes_the_next_sync_full_and_it_heals() {
-    let Some(ns) = Netns::new("fail") else { return };
+    let Some(ns) = Netns::new("sync", "fail") else {
+        return;
+    };
     let mut cluster = Cluster::new(IpFamily::V4, 10, 2);
     let mut syncer = Syncer::new(ns.iptables(IpFamily::V4));
     sync(&mut syncer, &cluster.ruleset());
@@ -504,7 +442,7 @@ fn shell_words(rule: &str) -> Vec<String> {
 
 #[test]
 fn a_restarted_syncer_adopts_the_rules_without_writing() {
-    let Some(ns) = Netns::new("restart") else {
+    let Some(ns) = Netns::new("sync", "restart") else {
         return;
     };
     let mut cluster = Cluster::new(IpFamily::V4, 30, 2);
@@ -538,7 +476,9 @@ fn a_restarted_syncer_adopts_the_rules_without_writing() {
 
 #[test]
 fn ipv6_full_and_partial() {
-    let Some(ns) = Netns::new("v6") else { return };
+    let Some(ns) = Netns::new("sync", "v6") else {
+        return;
+    };
     let mut cluster = Cluster::new(IpFamily::V6, 12, 2);
     let mut syncer = Syncer::new(ns.iptables(IpFamily::V6));
     let desired = cluster.ruleset();
@@ -560,7 +500,7 @@ fn ipv6_full_and_partial() {
 
 #[test]
 fn legacy_backend_full_partial_and_canaries() {
-    let Some(ns) = Netns::new("legacy") else {
+    let Some(ns) = Netns::new("sync", "legacy") else {
         return;
     };
     let mut cluster = Cluster::new(IpFamily::V4, 10, 2);
@@ -598,7 +538,9 @@ fn legacy_backend_full_partial_and_canaries() {
 
 #[test]
 fn legacy_waits_for_the_xtables_lock() {
-    let Some(ns) = Netns::new("lock") else { return };
+    let Some(ns) = Netns::new("sync", "lock") else {
+        return;
+    };
     // A lock file of our own, so that the host's iptables users never wait.
     let lock = std::env::temp_dir().join(format!("kpt-sync-lock-{}", std::process::id()));
     let lock = lock.to_str().unwrap().to_string();
@@ -637,7 +579,7 @@ fn legacy_waits_for_the_xtables_lock() {
 
 #[test]
 fn backend_detection_follows_kubelets_hints() {
-    let Some(ns) = Netns::new("detect") else {
+    let Some(ns) = Netns::new("sync", "detect") else {
         return;
     };
     let probe = SystemProbe {
