@@ -228,22 +228,15 @@ fn glue(family: IpFamily, extra: bool, ipvs_match: bool) -> Glue {
     g
 }
 
-/// `table/chain` to rules, from `iptables-save`.
+/// `table/chain` to rules, from `iptables-save` output, read with the crate's
+/// own parser of that format.
 fn saved_chains(text: &str) -> BTreeMap<String, Vec<String>> {
-    let mut chains: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut table = "";
-    for line in text.lines() {
-        if let Some(name) = line.strip_prefix('*') {
-            table = if name == "nat" { "nat" } else { "filter" };
-        } else if let Some(decl) = line.strip_prefix(':') {
-            let name = decl.split(' ').next().unwrap();
-            chains.entry(format!("{table}/{name}")).or_default();
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            let (chain, spec) = rule.split_once(' ').unwrap();
-            chains
-                .entry(format!("{table}/{chain}"))
-                .or_default()
-                .push(spec.to_string());
+    let tables = kproxy_iptables::save::parse(text).expect("iptables-save output parses");
+    let mut chains = BTreeMap::new();
+    for table in &tables {
+        for chain in &table.chains {
+            let rules = chain.rules.iter().map(|r| r.to_string()).collect();
+            chains.insert(format!("{}/{}", table.name, chain.name), rules);
         }
     }
     chains
