@@ -2,7 +2,9 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::str::FromStr;
+use std::time::Duration;
 
 use kproxy_model::Protocol;
 
@@ -141,6 +143,82 @@ pub struct Destination {
     pub inactive_conns: u32,
 }
 
+/// IPVS connection timeouts of the network namespace, as `ipvsadm --set tcp
+/// tcpfin udp` sets them and upstream kube-proxy's `--ipvs-tcp-timeout`,
+/// `--ipvs-tcpfin-timeout` and `--ipvs-udp-timeout` ask for.
+///
+/// `None` leaves the kernel's value alone. The kernel reads a 0 timeout as
+/// "unchanged" too, so a timeout cannot be set to 0 and the values are
+/// `NonZeroU32`: there is no way to write a 0 meaning something else.
+/// Read back, `None` is a timeout the kernel did not report (a protocol
+/// built without IPVS support).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Timeouts {
+    /// Established TCP connections, in seconds (900 in a new namespace).
+    pub tcp: Option<NonZeroU32>,
+    /// TCP connections after a FIN, in seconds (120 in a new namespace).
+    pub tcp_fin: Option<NonZeroU32>,
+    /// UDP, in seconds (300 in a new namespace).
+    pub udp: Option<NonZeroU32>,
+}
+
+impl Timeouts {
+    /// Whole seconds, with 0 meaning "leave it", as ipvsadm takes them.
+    pub fn from_secs(tcp: u32, tcp_fin: u32, udp: u32) -> Self {
+        Timeouts {
+            tcp: NonZeroU32::new(tcp),
+            tcp_fin: NonZeroU32::new(tcp_fin),
+            udp: NonZeroU32::new(udp),
+        }
+    }
+
+    /// A timeout flag's value in the kernel's unit: whole seconds, truncated
+    /// as upstream truncates them, so anything under a second (`0s`, the
+    /// flags' default) leaves the kernel's value alone. Values past what a
+    /// u32 holds saturate; the kernel then refuses them as out of range.
+    pub fn secs(duration: Duration) -> Option<NonZeroU32> {
+        NonZeroU32::new(u32::try_from(duration.as_secs()).unwrap_or(u32::MAX))
+    }
+
+    /// The three timeout flags as the command line gives them.
+    pub fn from_durations(
+        tcp: Option<Duration>,
+        tcp_fin: Option<Duration>,
+        udp: Option<Duration>,
+    ) -> Self {
+        Timeouts {
+            tcp: tcp.and_then(Timeouts::secs),
+            tcp_fin: tcp_fin.and_then(Timeouts::secs),
+            udp: udp.and_then(Timeouts::secs),
+        }
+    }
+
+    /// True when setting these would change nothing: upstream then does not
+    /// call the kernel at all.
+    pub fn is_unchanged(&self) -> bool {
+        self.tcp.is_none() && self.tcp_fin.is_none() && self.udp.is_none()
+    }
+}
+
+/// For logs: `tcp 900s, tcpfin -, udp 300s`, `-` for a value left alone.
+impl fmt::Display for Timeouts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields = [
+            ("tcp", self.tcp),
+            ("tcpfin", self.tcp_fin),
+            ("udp", self.udp),
+        ];
+        for (i, (name, value)) in fields.into_iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            match value {
+                Some(secs) => write!(f, "{sep}{name} {secs}s")?,
+                None => write!(f, "{sep}{name} -")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +246,34 @@ mod tests {
             port: 80,
         };
         assert_eq!(v6.to_string(), "TCP [fd00::10]:80");
+    }
+
+    #[test]
+    fn timeouts_take_whole_seconds_and_zero_leaves_them() {
+        let t = Timeouts::from_secs(900, 0, 30);
+        assert_eq!(t.tcp.map(NonZeroU32::get), Some(900));
+        assert_eq!(t.tcp_fin, None);
+        assert_eq!(t.udp.map(NonZeroU32::get), Some(30));
+        assert!(!t.is_unchanged());
+        assert!(Timeouts::from_secs(0, 0, 0).is_unchanged());
+        assert!(Timeouts::default().is_unchanged());
+        assert_eq!(t.to_string(), "tcp 900s, tcpfin -, udp 30s");
+
+        assert_eq!(Timeouts::secs(Duration::ZERO), None);
+        assert_eq!(Timeouts::secs(Duration::from_millis(999)), None);
+        assert_eq!(
+            Timeouts::secs(Duration::from_millis(1500)).map(NonZeroU32::get),
+            Some(1)
+        );
+        assert_eq!(
+            Timeouts::secs(Duration::from_secs(u64::MAX)).map(NonZeroU32::get),
+            Some(u32::MAX)
+        );
+        let flags = Timeouts::from_durations(
+            Some(Duration::from_secs(0)),
+            Some(Duration::from_secs(60)),
+            None,
+        );
+        assert_eq!(flags, Timeouts::from_secs(0, 60, 0));
     }
 }

@@ -13,6 +13,7 @@ const IN_VM: &[&str] = &[
     "in_vm::a_batch_reports_each_refusal_against_its_op",
     "in_vm::a_thousand_ops_go_in_a_few_datagrams",
     "in_vm::flush_removes_everything",
+    "in_vm::timeouts_set_and_read_back",
 ];
 
 #[test]
@@ -34,6 +35,7 @@ mod in_vm {
     use kproxy_ipvs::netlink::{
         Command as IpvsCommand, Error, IpvsClient, IpvsMessage, Op, ServiceAttrs,
     };
+    use kproxy_ipvs::types::Timeouts;
     use kproxy_ipvs::{
         Destination, ForwardMethod, Scheduler, ServiceFlags, VirtualServer, VirtualServerKey,
     };
@@ -458,5 +460,65 @@ mod in_vm {
         client.flush().unwrap();
         assert_eq!(ipvsadm(), Vec::<String>::new());
         assert_eq!(services(&client), vec![]);
+    }
+
+    /// `ipvsadm -L --timeout`: `Timeout (tcp tcpfin udp): 900 120 300`.
+    fn ipvsadm_timeouts() -> Timeouts {
+        let text = sh("ipvsadm -L --timeout");
+        let secs: Vec<u32> = text
+            .trim()
+            .strip_prefix("Timeout (tcp tcpfin udp):")
+            .unwrap_or_else(|| panic!("unexpected ipvsadm --timeout output {text:?}"))
+            .split_whitespace()
+            .map(|n| n.parse().expect("a number of seconds"))
+            .collect();
+        let [tcp, tcp_fin, udp] = secs[..] else {
+            panic!("three timeouts expected in {text:?}");
+        };
+        Timeouts::from_secs(tcp, tcp_fin, udp)
+    }
+
+    #[test]
+    #[ignore = "runs inside the test VM through netlink_client_in_vm"]
+    fn timeouts_set_and_read_back() {
+        if !kproxy_vm_runner::in_vm_or_skip("timeouts") {
+            return;
+        }
+        let client = fresh_client();
+        let before = client.timeouts().unwrap();
+        assert_eq!(before, ipvsadm_timeouts());
+        assert!(
+            before.tcp.is_some() && before.tcp_fin.is_some() && before.udp.is_some(),
+            "{before}"
+        );
+
+        let set = Timeouts::from_secs(1000, 61, 45);
+        client.set_timeouts(&set).unwrap();
+        assert_eq!(client.timeouts().unwrap(), set);
+        assert_eq!(ipvsadm_timeouts(), set);
+
+        // UDP alone: the TCP timeouts stay as they were.
+        client.set_timeouts(&Timeouts::from_secs(0, 0, 30)).unwrap();
+        let udp_only = Timeouts::from_secs(1000, 61, 30);
+        assert_eq!(client.timeouts().unwrap(), udp_only);
+        assert_eq!(ipvsadm_timeouts(), udp_only);
+
+        // Nothing to change sends nothing and changes nothing.
+        client.set_timeouts(&Timeouts::default()).unwrap();
+        assert_eq!(client.timeouts().unwrap(), udp_only);
+
+        // Beyond INT_MAX / HZ seconds the kernel refuses the whole request.
+        let err = client
+            .set_timeouts(&Timeouts::from_secs(u32::MAX, 0, 5))
+            .unwrap_err();
+        assert_eq!(err.ipvs_errno(), Some(libc::EINVAL), "{err}");
+        assert!(
+            err.to_string().starts_with("set IPVS timeouts (tcp "),
+            "{err}"
+        );
+        assert_eq!(client.timeouts().unwrap(), udp_only);
+
+        client.set_timeouts(&before).unwrap();
+        assert_eq!(ipvsadm_timeouts(), before);
     }
 }

@@ -1,6 +1,6 @@
 //! Reading the kernel's answers, one datagram at a time, apart from the socket
-//! so that hand-built datagrams can test it: the family lookup, dumps, and the
-//! acks of a batch.
+//! so that hand-built datagrams can test it: the family lookup, dumps, a
+//! single reply, and the acks of a batch.
 
 use std::io;
 use std::ops::Range;
@@ -119,6 +119,69 @@ impl<'a> DumpReader<'a> {
             }
         }
         Ok(false)
+    }
+}
+
+/// The answer to a request the kernel replies to with one message, then acks
+/// (`GET_CONFIG`, sent with `NLM_F_ACK`).
+pub(crate) struct ReplyReader<'a> {
+    pub request: &'a IpvsMessage,
+    pub seq: u32,
+    pub port: u32,
+    pub family: u16,
+    reply: Option<IpvsMessage>,
+    /// As for dumps, a reply that cannot be read fails the request once the
+    /// ack is in, so that the ack is not left on the socket.
+    bad: Option<DecodeError>,
+}
+
+impl<'a> ReplyReader<'a> {
+    pub fn new(request: &'a IpvsMessage, seq: u32, port: u32, family: u16) -> Self {
+        ReplyReader {
+            request,
+            seq,
+            port,
+            family,
+            reply: None,
+            bad: None,
+        }
+    }
+
+    /// Reads one datagram; the reply once the request is acked.
+    pub fn feed(&mut self, datagram: &[u8]) -> Result<Option<IpvsMessage>, Error> {
+        const WHAT: &str = "the kernel's reply";
+        for frame in frames(datagram) {
+            let frame = frame?;
+            if frame.seq != self.seq || frame.pid != self.port {
+                continue;
+            }
+            match frame.kind {
+                NLMSG_ERROR => {
+                    let ack = read_ack(frame.flags, frame.payload)?;
+                    if ack.errno != 0 {
+                        return Err(Error::refused(self.request, ack));
+                    }
+                    if let Some(e) = self.bad.take() {
+                        return Err(e.into());
+                    }
+                    return match self.reply.take() {
+                        Some(reply) => Ok(Some(reply)),
+                        None => Err(DecodeError::Missing(WHAT).into()),
+                    };
+                }
+                kind if kind == self.family => match read_ipvs(frame.payload) {
+                    Ok(_) if self.reply.is_some() => {
+                        self.bad.get_or_insert(DecodeError::Duplicate(WHAT));
+                    }
+                    Ok(msg) => self.reply = Some(msg),
+                    Err(e) => {
+                        self.bad.get_or_insert(e);
+                    }
+                },
+                _ => {}
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -529,6 +592,86 @@ mod tests {
         let mut acked = Vec::new();
         ack(&mut acked, 1, 0);
         assert_eq!(reader.feed(&acked).unwrap(), Some(0x20));
+    }
+
+    /// The kernel's answer to GET_CONFIG, as ip_vs_genl_get_cmd builds it:
+    /// command SET_CONFIG, the three timeouts as u32 seconds.
+    fn config_reply(tcp: u32, tcp_fin: u32, udp: u32) -> Vec<u8> {
+        let mut payload = vec![IPVS_CMD_SET_CONFIG, IPVS_GENL_VERSION, 0, 0];
+        put_attr(&mut payload, IPVS_CMD_ATTR_TIMEOUT_TCP, &tcp);
+        put_attr(&mut payload, IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, &tcp_fin);
+        put_attr(&mut payload, IPVS_CMD_ATTR_TIMEOUT_UDP, &udp);
+        payload
+    }
+
+    fn read_reply(datagrams: &[Vec<u8>], seq: u32) -> Result<IpvsMessage, Error> {
+        let request = IpvsMessage::new(Command::GetConfig);
+        let mut reader = ReplyReader::new(&request, seq, PORT, FAMILY);
+        for d in datagrams {
+            if let Some(reply) = reader.feed(d)? {
+                return Ok(reply);
+            }
+        }
+        panic!("the request was never acked");
+    }
+
+    #[test]
+    fn a_get_config_reply_is_read_once_acked() {
+        let mut datagram = Vec::new();
+        // A stale reply of an earlier request comes first.
+        message(&mut datagram, FAMILY, 0, 8, &config_reply(1, 2, 3));
+        message(&mut datagram, FAMILY, 0, 9, &config_reply(900, 120, 300));
+        let request = IpvsMessage::new(Command::GetConfig);
+        let mut reader = ReplyReader::new(&request, 9, PORT, FAMILY);
+        assert_eq!(reader.feed(&datagram).unwrap(), None);
+        let mut acked = Vec::new();
+        ack(&mut acked, 9, 0);
+        let reply = reader.feed(&acked).unwrap().unwrap();
+        assert_eq!(reply.cmd, Command::SetConfig);
+        assert_eq!(
+            crate::types::Timeouts::from(&reply.timeouts),
+            crate::types::Timeouts::from_secs(900, 120, 300)
+        );
+    }
+
+    #[test]
+    fn a_bad_get_config_reply_fails_once_acked() {
+        // Two stray bytes after the last timeout.
+        let mut payload = config_reply(900, 120, 300);
+        payload.extend_from_slice(&[8, 0]);
+        let mut datagram = Vec::new();
+        message(&mut datagram, FAMILY, 0, 3, &payload);
+        ack(&mut datagram, 3, 0);
+        let err = read_reply(&[datagram], 3).unwrap_err();
+        assert!(
+            matches!(err, Error::IpvsDecode(DecodeError::Truncated { .. })),
+            "{err:?}"
+        );
+
+        let mut twice = Vec::new();
+        message(&mut twice, FAMILY, 0, 4, &config_reply(900, 120, 300));
+        message(&mut twice, FAMILY, 0, 4, &config_reply(900, 120, 300));
+        ack(&mut twice, 4, 0);
+        assert!(matches!(
+            read_reply(&[twice], 4),
+            Err(Error::IpvsDecode(DecodeError::Duplicate(_)))
+        ));
+
+        let mut none = Vec::new();
+        ack(&mut none, 5, 0);
+        assert!(matches!(
+            read_reply(&[none], 5),
+            Err(Error::IpvsDecode(DecodeError::Missing(_)))
+        ));
+    }
+
+    #[test]
+    fn a_refused_get_config_names_the_request() {
+        let mut datagram = Vec::new();
+        ack(&mut datagram, 6, libc::EPERM);
+        let err = read_reply(&[datagram], 6).unwrap_err();
+        assert_eq!(err.ipvs_errno(), Some(libc::EPERM));
+        assert!(err.to_string().starts_with("read IPVS timeouts: "), "{err}");
     }
 
     #[test]

@@ -8,13 +8,13 @@ use std::time::Duration;
 use netlink_sys::{Socket, SocketAddr};
 
 use crate::error::Error;
-use crate::netlink::answers::{AckReader, DumpReader, FamilyReader};
+use crate::netlink::answers::{AckReader, DumpReader, FamilyReader, ReplyReader};
 use crate::netlink::codec::DecodeError;
 use crate::netlink::frame::{put_family_request, put_request};
-use crate::netlink::message::{Command, IpvsMessage, ServiceAttrs, af_of};
+use crate::netlink::message::{Command, IpvsMessage, ServiceAttrs, TimeoutAttrs, af_of};
 use crate::netlink::op::{BatchReport, Op, split_batches};
 use crate::netlink::sys::*;
-use crate::types::{Destination, VirtualServer, VirtualServerKey};
+use crate::types::{Destination, Timeouts, VirtualServer, VirtualServerKey};
 
 /// Netlink never builds a dump datagram above 32 KiB; twice that leaves room.
 const RECV_BUF: usize = 64 * 1024;
@@ -196,6 +196,26 @@ impl IpvsClient {
         self.apply_one(Op::DeleteDest(*key, dest.clone()))
     }
 
+    /// Sets the connection timeouts of the namespace, as `ipvsadm --set`
+    /// does. Those left `None` keep their value; when all are, nothing is
+    /// sent, as upstream kube-proxy then makes no call. The kernel refuses
+    /// (EINVAL) a timeout above `INT_MAX / HZ` seconds, and then changes none.
+    pub fn set_timeouts(&self, timeouts: &Timeouts) -> Result<(), Error> {
+        if timeouts.is_unchanged() {
+            return Ok(());
+        }
+        let request =
+            IpvsMessage::new(Command::SetConfig).with_timeouts(TimeoutAttrs::from(timeouts));
+        self.execute(std::slice::from_ref(&request))?.into_result()
+    }
+
+    /// The connection timeouts of the namespace, as `ipvsadm -L --timeout`
+    /// shows them.
+    pub fn timeouts(&self) -> Result<Timeouts, Error> {
+        let reply = self.lock().request(&IpvsMessage::new(Command::GetConfig))?;
+        Ok(Timeouts::from(&reply.timeouts))
+    }
+
     /// Deletes every virtual server of the namespace, kproxy's or not.
     pub fn flush(&self) -> Result<(), Error> {
         self.execute(&[IpvsMessage::new(Command::Flush)])?
@@ -332,6 +352,28 @@ impl Inner {
             self.recv()?;
             if reader.feed(&self.buf, &mut each)? {
                 return Ok(());
+            }
+        }
+    }
+
+    /// Sends a request the kernel answers with one message before its ack.
+    fn request(&mut self, request: &IpvsMessage) -> Result<IpvsMessage, Error> {
+        self.drain();
+        let seq = self.next_seq();
+        let mut datagram = Vec::new();
+        put_request(
+            &mut datagram,
+            self.family,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            request,
+        );
+        self.send(&datagram)?;
+        let mut reader = ReplyReader::new(request, seq, self.port, self.family);
+        loop {
+            self.recv()?;
+            if let Some(reply) = reader.feed(&self.buf)? {
+                return Ok(reply);
             }
         }
     }

@@ -4,12 +4,15 @@
 //! describe (a firewall mark, a scheduler it does not support, a tunnel): those
 //! are [`Unsupported`], for the caller to log and skip.
 
+use std::num::NonZeroU32;
+
 use kproxy_model::Protocol;
 
-use crate::netlink::message::{DestAttrs, InetAddr, ServiceAttrs, SvcFlags, af_of};
+use crate::netlink::message::{DestAttrs, InetAddr, ServiceAttrs, SvcFlags, TimeoutAttrs, af_of};
 use crate::netlink::sys::*;
 use crate::types::{
-    Destination, ForwardMethod, ServiceFlags, UnknownScheduler, VirtualServer, VirtualServerKey,
+    Destination, ForwardMethod, ServiceFlags, Timeouts, UnknownScheduler, VirtualServer,
+    VirtualServerKey,
 };
 
 /// Why a virtual server or destination read from the kernel has no kproxy
@@ -238,10 +241,64 @@ impl From<&Destination> for DestAttrs {
     }
 }
 
+/// Only the timeouts to change are sent: an absent attribute is the one
+/// way to leave a timeout alone that does not depend on the kernel reading
+/// 0 as "unchanged".
+impl From<&Timeouts> for TimeoutAttrs {
+    fn from(t: &Timeouts) -> Self {
+        TimeoutAttrs {
+            tcp: t.tcp.map(NonZeroU32::get),
+            tcp_fin: t.tcp_fin.map(NonZeroU32::get),
+            udp: t.udp.map(NonZeroU32::get),
+        }
+    }
+}
+
+/// A timeout the kernel did not report, or reported as 0, is `None`.
+impl From<&TimeoutAttrs> for Timeouts {
+    fn from(t: &TimeoutAttrs) -> Self {
+        Timeouts {
+            tcp: t.tcp.and_then(NonZeroU32::new),
+            tcp_fin: t.tcp_fin.and_then(NonZeroU32::new),
+            udp: t.udp.and_then(NonZeroU32::new),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::types::Scheduler;
+
+    #[test]
+    fn timeouts_left_alone_are_not_sent() {
+        let t = Timeouts::from_secs(0, 0, 30);
+        assert_eq!(
+            TimeoutAttrs::from(&t),
+            TimeoutAttrs {
+                udp: Some(30),
+                ..Default::default()
+            }
+        );
+        let all = Timeouts::from_secs(900, 120, 300);
+        let attrs = TimeoutAttrs::from(&all);
+        assert_eq!(
+            (attrs.tcp, attrs.tcp_fin, attrs.udp),
+            (Some(900), Some(120), Some(300))
+        );
+        assert_eq!(Timeouts::from(&attrs), all);
+        assert!(TimeoutAttrs::from(&Timeouts::default()).is_empty());
+    }
+
+    #[test]
+    fn timeouts_read_as_zero_or_missing_are_none() {
+        let read = TimeoutAttrs {
+            tcp: Some(0),
+            tcp_fin: None,
+            udp: Some(300),
+        };
+        assert_eq!(Timeouts::from(&read), Timeouts::from_secs(0, 0, 300));
+    }
 
     fn key(addr: &str, protocol: Protocol, port: u16) -> VirtualServerKey {
         VirtualServerKey {

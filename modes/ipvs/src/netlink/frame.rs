@@ -189,7 +189,9 @@ pub(crate) fn put_raw(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, payloa
 mod tests {
     use super::*;
     use crate::netlink::codec::{put_attr, put_nested};
-    use crate::netlink::message::{Command, DestAttrs, InetAddr, ServiceAttrs, SvcFlags};
+    use crate::netlink::message::{
+        Command, DestAttrs, InetAddr, ServiceAttrs, SvcFlags, TimeoutAttrs,
+    };
 
     /// ../shared/reference/README.md: NEW_SERVICE, UDP 10.96.0.10:53, rr,
     /// flags 0 mask 0xffffffff, timeout 0, netmask 0xffffffff; family 0x20,
@@ -232,6 +234,71 @@ mod tests {
         let mut out = Vec::new();
         put_request(&mut out, 0x20, NLM_F_REQUEST | NLM_F_ACK, 0, &msg);
         assert_eq!(out, hex(REFERENCE_NEW_SERVICE));
+    }
+
+    /// A SET_CONFIG request laid out field by field from the kernel headers:
+    /// `struct nlmsghdr`, `struct genlmsghdr`, then one `struct nlattr` and
+    /// u32 per timeout.
+    fn set_config_by_hand(family: u16, seq: u32, timeouts: &[(u16, u32)]) -> Vec<u8> {
+        let len = 16 + 4 + 8 * timeouts.len() as u32;
+        let mut out = Vec::new();
+        out.extend_from_slice(&len.to_ne_bytes()); // nlmsg_len
+        out.extend_from_slice(&family.to_ne_bytes()); // nlmsg_type
+        out.extend_from_slice(&(0x01u16 | 0x04).to_ne_bytes()); // REQUEST|ACK
+        out.extend_from_slice(&seq.to_ne_bytes()); // nlmsg_seq
+        out.extend_from_slice(&0u32.to_ne_bytes()); // nlmsg_pid
+        out.extend_from_slice(&[12, 1, 0, 0]); // cmd SET_CONFIG, version 1
+        for &(kind, secs) in timeouts {
+            out.extend_from_slice(&8u16.to_ne_bytes()); // nla_len
+            out.extend_from_slice(&kind.to_ne_bytes()); // nla_type
+            out.extend_from_slice(&secs.to_ne_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn set_config_matches_the_header_layout() {
+        let all = IpvsMessage::new(Command::SetConfig).with_timeouts(TimeoutAttrs {
+            tcp: Some(900),
+            tcp_fin: Some(120),
+            udp: Some(300),
+        });
+        let mut out = Vec::new();
+        put_request(&mut out, 0x20, NLM_F_REQUEST | NLM_F_ACK, 7, &all);
+        assert_eq!(
+            out,
+            set_config_by_hand(0x20, 7, &[(4, 900), (5, 120), (6, 300)])
+        );
+        #[cfg(target_endian = "little")]
+        assert_eq!(
+            out,
+            hex("2c000000 2000 0500 07000000 00000000 0c010000
+                 08000400 84030000 08000500 78000000 08000600 2c010000")
+        );
+
+        // Setting UDP alone sends UDP alone.
+        let udp = IpvsMessage::new(Command::SetConfig).with_timeouts(TimeoutAttrs {
+            udp: Some(30),
+            ..Default::default()
+        });
+        let mut out = Vec::new();
+        put_request(&mut out, 0x21, NLM_F_REQUEST | NLM_F_ACK, 8, &udp);
+        assert_eq!(out, set_config_by_hand(0x21, 8, &[(6, 30)]));
+    }
+
+    #[test]
+    fn get_config_is_a_bare_header() {
+        let mut out = Vec::new();
+        let msg = IpvsMessage::new(Command::GetConfig);
+        put_request(&mut out, 0x20, NLM_F_REQUEST | NLM_F_ACK, 2, &msg);
+        let frame = frames(&out).next().unwrap().unwrap();
+        assert_eq!(out.len(), NLMSG_HDRLEN + GENL_HDRLEN);
+        assert_eq!(
+            frame.payload,
+            [IPVS_CMD_GET_CONFIG, IPVS_GENL_VERSION, 0, 0]
+        );
+        let parsed = read_ipvs(frame.payload).unwrap();
+        assert_eq!(parsed, msg);
     }
 
     #[test]

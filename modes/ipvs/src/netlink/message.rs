@@ -29,6 +29,9 @@ pub enum Command {
     SetDest,
     DelDest,
     GetDest,
+    /// Sets the connection timeouts; also the kernel's reply to `GetConfig`.
+    SetConfig,
+    GetConfig,
     Flush,
 }
 
@@ -43,6 +46,8 @@ impl Command {
             Command::SetDest => IPVS_CMD_SET_DEST,
             Command::DelDest => IPVS_CMD_DEL_DEST,
             Command::GetDest => IPVS_CMD_GET_DEST,
+            Command::SetConfig => IPVS_CMD_SET_CONFIG,
+            Command::GetConfig => IPVS_CMD_GET_CONFIG,
             Command::Flush => IPVS_CMD_FLUSH,
         }
     }
@@ -57,6 +62,8 @@ impl Command {
             IPVS_CMD_SET_DEST => Command::SetDest,
             IPVS_CMD_DEL_DEST => Command::DelDest,
             IPVS_CMD_GET_DEST => Command::GetDest,
+            IPVS_CMD_SET_CONFIG => Command::SetConfig,
+            IPVS_CMD_GET_CONFIG => Command::GetConfig,
             IPVS_CMD_FLUSH => Command::Flush,
             other => return Err(DecodeError::UnknownCommand(other)),
         })
@@ -310,12 +317,60 @@ impl Codec for DestAttrs {
     }
 }
 
+/// The connection timeouts of `SET_CONFIG` and of the kernel's answer to
+/// `GET_CONFIG`: top-level attributes, u32 seconds each. The kernel leaves a
+/// timeout that is absent, or 0, as it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct TimeoutAttrs {
+    pub tcp: Option<u32>,
+    pub tcp_fin: Option<u32>,
+    pub udp: Option<u32>,
+}
+
+impl TimeoutAttrs {
+    pub fn is_empty(&self) -> bool {
+        *self == TimeoutAttrs::default()
+    }
+}
+
+impl Codec for TimeoutAttrs {
+    fn encode(&self, out: &mut Vec<u8>) {
+        let numbers = [
+            (IPVS_CMD_ATTR_TIMEOUT_TCP, self.tcp),
+            (IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, self.tcp_fin),
+            (IPVS_CMD_ATTR_TIMEOUT_UDP, self.udp),
+        ];
+        for (kind, value) in numbers {
+            if let Some(value) = value {
+                put_attr(out, kind, &value);
+            }
+        }
+    }
+
+    /// Reads a whole list of command attributes, skipping the others (a
+    /// service, a destination).
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let mut t = TimeoutAttrs::default();
+        for_each_attr(r.rest(), |a| {
+            let (slot, what) = match a.kind {
+                IPVS_CMD_ATTR_TIMEOUT_TCP => (&mut t.tcp, "IPVS_CMD_ATTR_TIMEOUT_TCP"),
+                IPVS_CMD_ATTR_TIMEOUT_TCP_FIN => (&mut t.tcp_fin, "IPVS_CMD_ATTR_TIMEOUT_TCP_FIN"),
+                IPVS_CMD_ATTR_TIMEOUT_UDP => (&mut t.udp, "IPVS_CMD_ATTR_TIMEOUT_UDP"),
+                _ => return Ok(()),
+            };
+            set_once(slot, a.get(what)?, what)
+        })?;
+        Ok(t)
+    }
+}
+
 /// One IPVS generic netlink message: a command and its attributes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct IpvsMessage {
     pub cmd: Command,
     pub service: Option<ServiceAttrs>,
     pub dest: Option<DestAttrs>,
+    pub timeouts: TimeoutAttrs,
 }
 
 impl IpvsMessage {
@@ -324,6 +379,7 @@ impl IpvsMessage {
             cmd,
             service: None,
             dest: None,
+            timeouts: TimeoutAttrs::default(),
         }
     }
 
@@ -337,6 +393,11 @@ impl IpvsMessage {
         self
     }
 
+    pub fn with_timeouts(mut self, timeouts: TimeoutAttrs) -> Self {
+        self.timeouts = timeouts;
+        self
+    }
+
     /// Appends the attributes (what follows the generic netlink header).
     pub fn encode_attrs(&self, out: &mut Vec<u8>) {
         if let Some(service) = &self.service {
@@ -345,6 +406,7 @@ impl IpvsMessage {
         if let Some(dest) = &self.dest {
             put_nested(out, IPVS_CMD_ATTR_DEST, |out| dest.encode(out));
         }
+        self.timeouts.encode(out);
     }
 
     /// Decodes the attributes that follow a generic netlink header carrying
@@ -362,6 +424,9 @@ impl IpvsMessage {
             }
             _ => Ok(()),
         })?;
+        // The timeouts sit beside the nests in the same list; they read it
+        // again for theirs (a few attributes, a second pass costs nothing).
+        msg.timeouts = TimeoutAttrs::decode(attrs, "IPVS command attributes")?;
         Ok(msg)
     }
 
@@ -451,6 +516,28 @@ impl fmt::Display for DestAttrs {
     }
 }
 
+/// As kproxy logs what it sets: `tcp 900s, udp 30s`; `nothing` when empty.
+impl fmt::Display for TimeoutAttrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields = [
+            ("tcp", self.tcp),
+            ("tcpfin", self.tcp_fin),
+            ("udp", self.udp),
+        ];
+        let mut sep = "";
+        for (name, value) in fields {
+            if let Some(secs) = value {
+                write!(f, "{sep}{name} {secs}s")?;
+                sep = ", ";
+            }
+        }
+        if sep.is_empty() {
+            f.write_str("nothing")?;
+        }
+        Ok(())
+    }
+}
+
 /// What the message asks for, for error messages: `add destination
 /// 10.0.0.1:80 to TCP 10.96.0.1:80`.
 impl fmt::Display for IpvsMessage {
@@ -468,6 +555,8 @@ impl fmt::Display for IpvsMessage {
             Command::SetDest => write!(f, "update destination {dest} of {svc}"),
             Command::DelDest => write!(f, "delete destination {dest} from {svc}"),
             Command::GetDest => write!(f, "list destinations of {svc}"),
+            Command::SetConfig => write!(f, "set IPVS timeouts ({})", self.timeouts),
+            Command::GetConfig => f.write_str("read IPVS timeouts"),
             Command::Flush => f.write_str("flush all virtual servers"),
         }
     }
@@ -505,6 +594,8 @@ mod tests {
             (Command::SetDest, 6),
             (Command::DelDest, 7),
             (Command::GetDest, 8),
+            (Command::SetConfig, 12),
+            (Command::GetConfig, 13),
             (Command::Flush, 17),
         ];
         for (cmd, code) in all {
@@ -614,8 +705,58 @@ mod tests {
             });
         let mut attrs = Vec::new();
         msg.encode_attrs(&mut attrs);
-        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_UDP, &300u32);
+        put_nested(&mut attrs, IPVS_CMD_ATTR_DAEMON, |out| {
+            put_attr(out, 1, &1u32)
+        });
+        put_attr(&mut attrs, 99, &0u32);
         assert_eq!(IpvsMessage::decode(IPVS_CMD_NEW_DEST, &attrs), Ok(msg));
+    }
+
+    /// Bytes sent as they are, for values of the wrong size.
+    struct Raw(Vec<u8>);
+
+    impl Codec for Raw {
+        fn encode(&self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.0);
+        }
+
+        fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+            Ok(Raw(r.rest().to_vec()))
+        }
+    }
+
+    fn timeouts() -> TimeoutAttrs {
+        TimeoutAttrs {
+            tcp: Some(900),
+            tcp_fin: Some(120),
+            udp: Some(300),
+        }
+    }
+
+    #[test]
+    fn timeouts_are_top_level_u32_attributes() {
+        let mut attrs = Vec::new();
+        IpvsMessage::new(Command::SetConfig)
+            .with_timeouts(timeouts())
+            .encode_attrs(&mut attrs);
+        let mut expected = Vec::new();
+        for (kind, secs) in [(4u16, 900u32), (5, 120), (6, 300)] {
+            expected.extend_from_slice(&8u16.to_ne_bytes());
+            expected.extend_from_slice(&kind.to_ne_bytes());
+            expected.extend_from_slice(&secs.to_ne_bytes());
+        }
+        assert_eq!(attrs, expected);
+        // Only what is set is sent: the kernel leaves the rest alone.
+        let udp_only = TimeoutAttrs {
+            udp: Some(30),
+            ..Default::default()
+        };
+        let mut one = Vec::new();
+        one.extend_from_slice(&8u16.to_ne_bytes());
+        one.extend_from_slice(&6u16.to_ne_bytes());
+        one.extend_from_slice(&30u32.to_ne_bytes());
+        assert_eq!(udp_only.encoded(), one);
+        assert!(TimeoutAttrs::default().encoded().is_empty());
     }
 
     #[test]
@@ -645,5 +786,79 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(odd.to_string(), "protocol 47 [fd00::1]:1");
+    }
+
+    #[test]
+    fn a_get_config_answer_decodes_into_timeouts() {
+        // As the kernel answers GET_CONFIG: command SET_CONFIG, three u32s.
+        let mut attrs = Vec::new();
+        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_TCP, &900u32);
+        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_TCP_FIN, &120u32);
+        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_UDP, &300u32);
+        let msg = IpvsMessage::decode(IPVS_CMD_SET_CONFIG, &attrs).unwrap();
+        assert_eq!(msg.cmd, Command::SetConfig);
+        assert_eq!(msg.timeouts, timeouts());
+        assert_eq!((msg.service, msg.dest), (None, None));
+        // A kernel built without UDP support leaves that one out.
+        let msg = IpvsMessage::decode(IPVS_CMD_SET_CONFIG, &attrs[..16]).unwrap();
+        assert_eq!(msg.timeouts.udp, None);
+        assert_eq!(msg.timeouts.tcp_fin, Some(120));
+    }
+
+    #[test]
+    fn malformed_timeouts_are_rejected() {
+        // A value with bytes after its u32.
+        let mut attrs = Vec::new();
+        let mut long = 900u32.encoded();
+        long.extend_from_slice(&[0; 4]);
+        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_TCP, &Raw(long));
+        assert_eq!(
+            IpvsMessage::decode(IPVS_CMD_SET_CONFIG, &attrs),
+            Err(DecodeError::TrailingBytes {
+                what: "IPVS_CMD_ATTR_TIMEOUT_TCP",
+                count: 4
+            })
+        );
+        // A value too short.
+        let mut attrs = Vec::new();
+        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_UDP, &300u16);
+        assert!(matches!(
+            IpvsMessage::decode(IPVS_CMD_SET_CONFIG, &attrs),
+            Err(DecodeError::Truncated { .. })
+        ));
+        // Stray bytes after the last attribute.
+        let mut attrs = timeouts().encoded();
+        attrs.extend_from_slice(&[8, 0]);
+        assert!(matches!(
+            IpvsMessage::decode(IPVS_CMD_SET_CONFIG, &attrs),
+            Err(DecodeError::Truncated {
+                what: "attribute type",
+                ..
+            })
+        ));
+        // The same timeout twice.
+        let mut attrs = timeouts().encoded();
+        put_attr(&mut attrs, IPVS_CMD_ATTR_TIMEOUT_UDP, &30u32);
+        assert_eq!(
+            IpvsMessage::decode(IPVS_CMD_SET_CONFIG, &attrs),
+            Err(DecodeError::Duplicate("IPVS_CMD_ATTR_TIMEOUT_UDP"))
+        );
+    }
+
+    #[test]
+    fn config_messages_describe_themselves() {
+        let msg = IpvsMessage::new(Command::SetConfig).with_timeouts(TimeoutAttrs {
+            tcp: Some(900),
+            udp: Some(30),
+            ..Default::default()
+        });
+        assert_eq!(msg.to_string(), "set IPVS timeouts (tcp 900s, udp 30s)");
+        assert_eq!(
+            IpvsMessage::new(Command::GetConfig).to_string(),
+            "read IPVS timeouts"
+        );
+        assert_eq!(TimeoutAttrs::default().to_string(), "nothing");
+        assert!(TimeoutAttrs::default().is_empty());
+        assert!(!timeouts().is_empty());
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! [`IpvsClient`] looks up the IPVS family, lists virtual servers and their
 //! destinations, and applies lists of [`Op`]s many per datagram, with every
-//! refusal mapped to the op that caused it.
+//! refusal mapped to the op that caused it. It also sets and reads the
+//! connection timeouts (`SET_CONFIG`, `GET_CONFIG`).
 
 mod answers;
 mod client;
@@ -24,5 +25,7 @@ pub use crate::error::Error;
 pub use client::IpvsClient;
 pub use codec::{Codec, DecodeError};
 pub use convert::Unsupported;
-pub use message::{Command, DestAttrs, InetAddr, IpvsMessage, ServiceAttrs, SvcFlags};
+pub use message::{
+    Command, DestAttrs, InetAddr, IpvsMessage, ServiceAttrs, SvcFlags, TimeoutAttrs,
+};
 pub use op::{BatchReport, Op, OpFailure};
