@@ -1,20 +1,17 @@
 //! IPVS mode from cluster files: print what a sync would program
 //! (`--dry-run`), or program it once (modules, sysctls, kube-ipvs0, glue,
-//! virtual servers) and exit. The live controller does not drive IPVS yet.
+//! virtual servers) and exit; and what the live controller's IPVS mode
+//! shares with them.
 
-use std::collections::BTreeSet;
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kproxy_iptables::exec::Iptables;
-use kproxy_ipvs::glue::sync::{GlueSyncer, Ipset};
+use kproxy_ipvs::glue::sync::Ipset;
 use kproxy_ipvs::link::{KUBE_IPVS0, Rtnl};
-use kproxy_ipvs::netlink::IpvsClient;
-use kproxy_ipvs::plan::{
-    self, Graceful, IpvsDesired, IpvsSettings, KernelView, OpCounts, SchedulerOverrides,
-};
+use kproxy_ipvs::plan::{self, IpvsDesired, IpvsSettings, SchedulerOverrides};
+use kproxy_ipvs::syncer::{IptablesFor, IpvsSyncer, SyncReport};
 use kproxy_ipvs::{Scheduler, modules, sysctl};
 use kproxy_model::{DesiredState, IpFamily};
 use tracing::{info, warn};
@@ -114,122 +111,72 @@ pub fn apply(
     families: &[IpFamily],
     settings: &IpvsSettings,
     overrides: &SchedulerOverrides,
+    iptables: IptablesFor,
 ) -> Result<()> {
-    let start = Instant::now();
-    let desired: Vec<IpvsDesired> = {
-        let node_addrs = machine_addresses()?;
-        families
-            .iter()
-            .map(|&f| desired_for(state, f, settings, &node_addrs, overrides))
-            .collect()
-    };
+    let mut syncer = open_syncer(settings, iptables)?;
+    let desired = desired_all(&mut syncer, state, families, overrides)?;
+    let report = syncer.sync(&desired)?;
+    log_report(&report);
+    Ok(())
+}
 
-    let schedulers: BTreeSet<Scheduler> = desired
-        .iter()
-        .flat_map(|d| d.servers.values().map(|s| s.server.scheduler))
-        .chain([settings.scheduler])
-        .collect();
-    modules::Modules::system()
-        .ensure_all(&modules::required_modules(schedulers))
+/// One line per family, then the whole: the per-family lines carry the
+/// counts as fields, for operators' log queries.
+pub fn log_report(report: &SyncReport) {
+    for f in &report.families {
+        info!("{}", f.glue);
+        info!(
+            family = %f.family,
+            full = report.full,
+            servers = f.servers,
+            destinations = f.destinations,
+            ops = f.ops.total(),
+            datagrams = f.datagrams,
+            "IPVS sync: {}",
+            f.ops
+        );
+    }
+    info!("{report}");
+}
+
+/// Prepares the node for IPVS mode (the default scheduler's modules, the
+/// sysctls, kube-ipvs0) and opens the syncer.
+pub fn open_syncer(settings: &IpvsSettings, iptables: IptablesFor) -> Result<IpvsSyncer> {
+    let modules = modules::Modules::system();
+    modules
+        .ensure_all(&modules::required_modules([settings.scheduler]))
         .context("IPVS mode needs these kernel modules")?;
     sysctl::Sysctl::system()
         .apply_ipvs(settings.strict_arp)
         .context("cannot set the sysctls IPVS mode needs")?;
-    if settings.tcp_timeout.is_some()
-        || settings.tcp_fin_timeout.is_some()
-        || settings.udp_timeout.is_some()
-    {
-        warn!(
-            "--ipvs-tcp-timeout, --ipvs-tcpfin-timeout and --ipvs-udp-timeout are not applied yet"
-        );
-    }
-
-    let mut rtnl = Rtnl::new().context("cannot open rtnetlink")?;
-    rtnl.ensure_dummy(KUBE_IPVS0)
+    Rtnl::new()
+        .and_then(|mut rtnl| rtnl.ensure_dummy(KUBE_IPVS0))
         .with_context(|| format!("cannot create the {KUBE_IPVS0} dummy link"))?;
+    IpvsSyncer::new(settings.clone(), modules, iptables, Ipset::new())
+        .context("cannot open the IPVS netlink family")
+}
 
-    let client = IpvsClient::new().context("cannot open the IPVS netlink family")?;
-    let mut dump = Vec::new();
-    for vs in client
-        .services()
-        .context("cannot read the kernel's virtual servers")?
-    {
-        let dests = client
-            .destinations(&vs.key)
-            .with_context(|| format!("cannot read the destinations of {:?}", vs.key))?;
-        dump.push((vs, dests));
-    }
-    let mut view = KernelView::from_dump(dump);
-    info!(
-        servers = view.len(),
-        destinations = view.destination_count(),
-        "adopted the kernel's virtual servers"
-    );
-
-    let mut graceful = Graceful::new();
-    let mut wanted_addrs = BTreeSet::new();
-    for d in &desired {
-        // The glue first: a service IP is accepted only once its rules are in.
-        let mut glue = GlueSyncer::new(Iptables::new(d.family), Ipset::new());
-        let report = glue
-            .sync(&d.glue)
-            .with_context(|| format!("cannot program the {} ipset and iptables glue", d.family))?;
-        info!("{report}");
-
-        let ops = plan::plan(&view, d, settings, &mut graceful);
-        let counts = OpCounts::of(&ops);
-        let report = client
-            .apply(&ops)
-            .with_context(|| format!("cannot send the {} IPVS operations", d.family))?;
-        view.apply_all(&ops);
-        info!(
-            family = %d.family,
-            servers = d.servers.len(),
-            destinations = d.destination_count(),
-            ops = counts.total(),
-            datagrams = report.datagrams,
-            "IPVS sync: {counts}"
-        );
-        for failure in &report.failures {
-            warn!("{} IPVS operation refused: {failure:?}", d.family);
-        }
-        if !report.failures.is_empty() {
-            anyhow::bail!(
-                "the kernel refused {} of {} {} IPVS operations",
-                report.failures.len(),
-                report.sent,
-                d.family
-            );
-        }
-        wanted_addrs.extend(d.bind_addrs.iter().copied());
-    }
-
-    let addrs = rtnl
-        .sync_addresses(KUBE_IPVS0, &wanted_addrs)
-        .with_context(|| format!("cannot bind the service IPs to {KUBE_IPVS0}"))?;
-    info!(
-        bound = addrs.added.len(),
-        unbound = addrs.removed.len(),
-        failed = addrs.failed.len(),
-        draining = graceful.len(),
-        "IPVS mode programmed in {:.3}s",
-        start.elapsed().as_secs_f64()
-    );
-    if !addrs.failed.is_empty() {
-        anyhow::bail!("cannot bind {:?} to {KUBE_IPVS0}", addrs.failed);
-    }
-    Ok(())
+/// What each family needs, for this machine's addresses now.
+pub fn desired_all(
+    syncer: &mut IpvsSyncer,
+    state: &DesiredState,
+    families: &[IpFamily],
+    overrides: &SchedulerOverrides,
+) -> Result<Vec<IpvsDesired>> {
+    let node_addrs = machine_addresses(syncer)?;
+    Ok(families
+        .iter()
+        .map(|&f| desired_for(state, f, syncer.settings(), &node_addrs, overrides))
+        .collect())
 }
 
 /// This machine's addresses outside kube-ipvs0 (upstream's
 /// GetAllLocalAddressesExcept): the service IPs bound there are not node IPs.
-fn machine_addresses() -> Result<Vec<IpAddr>> {
+fn machine_addresses(syncer: &mut IpvsSyncer) -> Result<Vec<IpAddr>> {
     let all = crate::netif::local_addresses().context("cannot list this machine's addresses")?;
-    let mut rtnl = Rtnl::new().context("cannot open rtnetlink")?;
-    let bound: BTreeSet<IpAddr> = match rtnl.link_index(KUBE_IPVS0)? {
-        Some(index) => rtnl.addresses(index)?.into_iter().collect(),
-        None => BTreeSet::new(),
-    };
+    let bound = syncer
+        .bound_addresses()
+        .with_context(|| format!("cannot list the addresses of {KUBE_IPVS0}"))?;
     Ok(all.into_iter().filter(|ip| !bound.contains(ip)).collect())
 }
 

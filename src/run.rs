@@ -18,11 +18,6 @@ use crate::{controller, ipvs_mode, netif, source};
 
 pub fn run(args: Args) -> Result<()> {
     let ipvs = args.mode == ProxyMode::Ipvs;
-    if ipvs && (args.cleanup || args.from_file.is_empty()) {
-        bail!(
-            "--mode ipvs works only with --from-file for now (the live controller and --cleanup are iptables-mode only); use --mode iptables"
-        );
-    }
     if args.cleanup {
         return cleanup();
     }
@@ -89,7 +84,9 @@ pub fn run(args: Args) -> Result<()> {
                 other => other.context("cannot write the IPVS dry run to standard output"),
             }
         } else {
-            ipvs_mode::apply(&state, &families, &settings, &overrides)
+            let backend = args.iptables_backend;
+            let iptables = Box::new(move |f| controller::iptables_for(backend, f));
+            ipvs_mode::apply(&state, &families, &settings, &overrides, iptables)
         };
     }
     if args.dry_run {
@@ -117,10 +114,10 @@ fn live(args: Args) -> Result<()> {
         node: args.node_options(),
         min_sync_period,
         sync_period,
-        iptables_backend: args.iptables_backend,
         healthz_bind_address: args.healthz_bind_address.0,
         metrics_bind_address: args.metrics_bind_address.0,
     };
+    let dataplane = dataplane(&args)?;
     // Two workers: watchers and HTTP servers are light; the heavy work runs on
     // the controller's own sync thread.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -131,12 +128,29 @@ fn live(args: Args) -> Result<()> {
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async {
         let client = client(args.kubeconfig.as_deref()).await?;
-        controller::run(client, options).await?;
+        controller::run(client, options, dataplane).await?;
         anyhow::Ok(())
     });
     // Watch connections may linger; they hold nothing worth waiting for.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// The mode's kernel side, ready to sync. IPVS mode prepares the node first
+/// (modules, sysctls, kube-ipvs0), so that what is missing stops kproxy at
+/// start, with the reason, rather than failing every sync.
+fn dataplane(args: &Args) -> Result<controller::Dataplane> {
+    let backend = args.iptables_backend;
+    Ok(match args.mode {
+        ProxyMode::Iptables => controller::Dataplane::Iptables(controller::Rules::new(backend)),
+        ProxyMode::Ipvs => {
+            let settings = ipvs_mode::settings(&args.ipvs_options())?;
+            let iptables = Box::new(move |f| controller::iptables_for(backend, f));
+            let syncer = ipvs_mode::open_syncer(&settings, iptables)?;
+            info!(scheduler = %settings.scheduler, "IPVS mode");
+            controller::Dataplane::Ipvs(controller::IpvsRules::new(syncer))
+        }
+    })
 }
 
 /// A client for `--kubeconfig`, else `$KUBECONFIG`, `~/.kube/config` or the

@@ -106,21 +106,6 @@ fn dry_run_prints_servers_addresses_and_glue() {
     assert!(!stdout.contains("IPv6"), "no IPv6 service, no IPv6 section");
 }
 
-/// The live controller does not drive IPVS yet: refused, with the reason.
-#[test]
-fn live_ipvs_mode_is_refused_clearly() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kproxy"))
-        .args(["--mode", "ipvs"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("--mode ipvs works only with --from-file"),
-        "{stderr}"
-    );
-}
-
 mod in_vm {
     use std::collections::{BTreeMap, BTreeSet};
     use std::io::{BufRead, BufReader, Write};

@@ -13,6 +13,8 @@
 //! and established connections never notice.
 
 mod conntrack;
+mod dataplane;
+mod ipvs;
 mod observe;
 mod rules;
 mod schedule;
@@ -30,12 +32,14 @@ use kproxy_conntrack::Conntrack;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::cli::IptablesBackend;
 use crate::health::serve_proxy_health;
 use crate::metrics::serve_metrics;
 use crate::source::watch::{self as watchers, Sink};
 use crate::translate::NodeOptions;
 
+pub use dataplane::Dataplane;
+pub use ipvs::IpvsRules;
+pub use rules::{Rules, iptables_for};
 pub use schedule::Periods;
 
 /// How long a stopping kproxy waits for a sync in progress to finish. Each
@@ -49,7 +53,6 @@ pub struct Options {
     pub node: NodeOptions,
     pub min_sync_period: Duration,
     pub sync_period: Duration,
-    pub iptables_backend: IptablesBackend,
     pub healthz_bind_address: Option<SocketAddr>,
     pub metrics_bind_address: Option<SocketAddr>,
 }
@@ -66,7 +69,11 @@ pub enum Error {
 
 /// Runs the controller until SIGTERM or SIGINT. Must run inside a tokio
 /// runtime.
-pub async fn run(client: kube::Client, options: Options) -> Result<(), Error> {
+pub async fn run(
+    client: kube::Client,
+    options: Options,
+    dataplane: Dataplane,
+) -> Result<(), Error> {
     // First, so that a signal from now on stops kproxy cleanly.
     let signals = signal::Signals::new().map_err(Error::Signals)?;
     let (stop_servers, servers_stopped) = watch::channel(false);
@@ -89,7 +96,7 @@ pub async fn run(client: kube::Client, options: Options) -> Result<(), Error> {
             options.min_sync_period,
             options.sync_period,
         )),
-        rules: rules::Rules::new(options.iptables_backend),
+        dataplane,
         conntrack,
         node_name: options.node_name.clone(),
         node_options: options.node.clone(),

@@ -87,12 +87,16 @@ impl Observers {
     }
 
     /// `family`'s rules are in the kernel.
-    pub fn synced(&self, family: IpFamily, full: bool, took: Duration, ruleset: &Ruleset) {
-        let health = self.health.for_family(family);
+    pub fn synced(&self, family: IpFamily, full: bool, took: Duration) {
         let metrics = self.metrics.for_family(family);
-        health.updated();
+        self.health.for_family(family).updated();
         metrics.observe_sync(full, took);
         metrics.sync_timestamp();
+    }
+
+    /// The rule counts of `family`'s tables, as the last sync left them.
+    pub fn iptables_rules(&self, family: IpFamily, ruleset: &Ruleset) {
+        let metrics = self.metrics.for_family(family);
         let filter = ruleset.filter.iter().map(|c| c.rules.len()).sum::<usize>();
         let nat = ruleset.nat_chains().map(|c| c.rules.len()).sum::<usize>();
         let jumps = |t: Table| ruleset.jumps.iter().filter(|j| j.table == t).count();

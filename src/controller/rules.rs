@@ -48,8 +48,13 @@ fn backend(choice: IptablesBackend, family: IpFamily) -> Backend {
     }
 }
 
+/// The iptables programs of `family` for the backend `choice`.
+pub fn iptables_for(choice: IptablesBackend, family: IpFamily) -> Iptables {
+    Iptables::new(family).with_backend(backend(choice, family))
+}
+
 fn family(choice: IptablesBackend, family: IpFamily) -> Family {
-    let ipt = Iptables::new(family).with_backend(backend(choice, family));
+    let ipt = iptables_for(choice, family);
     info!(%family, program = %ipt.restore_program(), "programming the rules");
     Family {
         syncer: Syncer::new(ipt),
@@ -110,7 +115,8 @@ impl Rules {
             match syncer.sync(&ruleset) {
                 Ok(report) => {
                     let took = started.elapsed();
-                    observers.synced(family, report.full, took, &ruleset);
+                    observers.synced(family, report.full, took);
+                    observers.iptables_rules(family, &ruleset);
                     // A sync that writes nothing is routine: every sync period.
                     if report.full || report.transactions > 0 {
                         info!(

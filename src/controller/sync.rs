@@ -14,8 +14,8 @@ use kproxy_model::DesiredState;
 use tracing::{debug, info, warn};
 
 use super::conntrack as stale;
+use super::dataplane::Dataplane;
 use super::observe::{HealthChecks, Observers};
-use super::rules::Rules;
 use super::schedule::{Schedule, Step};
 use super::store::{Store, Wake};
 use super::translation::Translator;
@@ -26,7 +26,7 @@ pub struct Worker {
     pub(super) store: Arc<Store>,
     pub(super) wake: Receiver<Wake>,
     pub(super) schedule: Schedule,
-    pub(super) rules: Rules,
+    pub(super) dataplane: Dataplane,
     pub(super) conntrack: Option<Conntrack>,
     pub(super) node_name: String,
     pub(super) node_options: NodeOptions,
@@ -54,7 +54,7 @@ impl Worker {
             match self.schedule.next(now) {
                 Step::Sync { full } => self.sync(now, full),
                 Step::CheckCanaries => {
-                    let missing = self.rules.canaries_missing();
+                    let missing = self.dataplane.check();
                     self.schedule.canaries_checked(Instant::now(), missing);
                 }
                 Step::Sleep(until) => {
@@ -110,6 +110,7 @@ impl Worker {
         let started = Instant::now();
         let snapshot = self.store.snapshot();
         self.check_node(&snapshot.inventory);
+        self.dataplane.prepare(&snapshot.inventory);
         let local_addresses = match &self.node_options.nodeport_addresses {
             NodePortAddressesOption::Cidrs(_) => netif::local_addresses().unwrap_or_else(|err| {
                 warn!("cannot list this machine's addresses for --nodeport-addresses: {err}");
@@ -140,7 +141,7 @@ impl Worker {
             );
         }
         if full {
-            self.rules.force_full();
+            self.dataplane.force_full();
         }
         let stats = self.translator.last();
         let state = self.translator.state();
@@ -151,19 +152,7 @@ impl Worker {
             services_translated = stats.translated,
             "translated"
         );
-        // Cheap (one /proc read) and re-checked every sync: the node's
-        // settings can change, and someone may have reset the sysctl.
-        match kproxy_iptables::sysctl::ensure_route_localnet(
-            std::path::Path::new(kproxy_iptables::sysctl::PROC_SYS),
-            &state.node,
-        ) {
-            Ok(true) => {
-                info!("set net.ipv4.conf.all.route_localnet=1 so NodePorts answer on 127.0.0.1")
-            }
-            Ok(false) => {}
-            Err(err) => warn!("cannot turn on net.ipv4.conf.all.route_localnet: {err}"),
-        }
-        let outcome = self.rules.sync(state, &self.observers, started);
+        let outcome = self.dataplane.sync(state, &self.observers, started);
         if !outcome.ok {
             self.schedule.failed();
             self.store.requeue_triggers(snapshot.triggers);

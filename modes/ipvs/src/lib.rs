@@ -17,6 +17,7 @@ pub mod sysctl;
 pub mod dump;
 pub mod glue;
 pub mod plan;
+pub mod syncer;
 
 pub use error::Error;
 
