@@ -98,8 +98,9 @@ impl IpvsRules {
     }
 
     /// Deletes drained destinations, and tells whether the kernel lost
-    /// virtual servers kproxy programmed (a full sync repairs them). A failed
-    /// read counts as nothing missing: the periodic syncs go on regardless.
+    /// virtual servers or glue kproxy programmed (a full sync repairs them).
+    /// A failed read counts as nothing missing: the periodic syncs go on
+    /// regardless.
     pub fn check(&mut self) -> bool {
         if self.syncer.draining() > 0 {
             match self.syncer.poll_draining() {
@@ -111,6 +112,17 @@ impl IpvsRules {
                 Ok(_) => {}
                 Err(err) => warn!("cannot read the draining destinations: {err}"),
             }
+        }
+        match self.syncer.canaries_missing() {
+            Ok(true) => {
+                warn!(
+                    "kproxy's canary chains are gone: the tables were flushed; resyncing everything"
+                );
+                self.syncer.force_full();
+                return true;
+            }
+            Ok(false) => {}
+            Err(err) => warn!("cannot check the canary chains: {err}"),
         }
         match self.syncer.kernel_matches() {
             Ok(true) => false,

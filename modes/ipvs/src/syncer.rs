@@ -462,6 +462,17 @@ impl IpvsSyncer {
         Ok(servers.len() == view.len() && servers.iter().all(|s| view.get(&s.key).is_some()))
     }
 
+    /// Whether a table holding the glue was flushed since the last full
+    /// sync (its `KUBE-PROXY-CANARY` chain is gone or emptied).
+    pub fn canaries_missing(&self) -> Result<bool, GlueError> {
+        for glue in self.glue.values() {
+            if glue.canaries_missing()? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn read_kernel(&self) -> Result<KernelView, Error> {
         let mut dump = Vec::new();
         for vs in self.client.services()? {

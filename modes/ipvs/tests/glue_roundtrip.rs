@@ -297,6 +297,8 @@ fn round_trip(family: IpFamily, tag: &str) {
     assert!(first.full);
     assert_eq!(first.sets_created, g.sets.len());
     assert!(first.rule_transactions >= 2, "{first}");
+    assert_eq!(first.canaries_created, 3, "{first}");
+    assert!(!syncer.canaries_missing().unwrap());
     check_kernel_holds(&ns, &g);
 
     // Nothing changed: nothing is sent.
@@ -325,6 +327,17 @@ fn round_trip(family: IpFamily, tag: &str) {
     let back = syncer.sync(&g).unwrap();
     assert_eq!((back.entries_added, back.entries_deleted), (0, 3));
 
+    // A flushed nat table empties its canary; the full sync that follows
+    // restores the rules and the canary.
+    let (ok, out) = ns.run(cli(family), &["-t", "nat", "-F"]);
+    assert!(ok, "{out}");
+    assert!(syncer.canaries_missing().unwrap());
+    syncer.force_full();
+    let repaired = syncer.sync(&g).unwrap();
+    assert_eq!(repaired.canaries_created, 1, "{repaired}");
+    assert!(!syncer.canaries_missing().unwrap());
+    check_kernel_holds(&ns, &g);
+
     // A restart reads the kernel and adopts it: no write at all.
     let mut restarted = GlueSyncer::new(Iptables::in_netns(family, &ns.0), Ipset::in_netns(&ns.0));
     let adopt = restarted.sync(&g).unwrap();
@@ -334,9 +347,10 @@ fn round_trip(family: IpFamily, tag: &str) {
             adopt.sets_created,
             adopt.entries_added,
             adopt.entries_deleted,
-            adopt.rule_transactions
+            adopt.rule_transactions,
+            adopt.canaries_created
         ),
-        (0, 0, 0, 0),
+        (0, 0, 0, 0, 0),
         "{adopt}"
     );
     assert!(!adopt.iptables_mode_removed);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use kproxy_iptables::exec::Iptables;
 use kproxy_iptables::names::is_service_chain;
-use kproxy_iptables::{Ruleset, Table, apply, cleanup, save};
+use kproxy_iptables::{Ruleset, Table, apply, canary, cleanup, save};
 use kproxy_model::IpFamily;
 
 use super::Glue;
@@ -167,6 +167,8 @@ pub struct GlueReport {
     pub sets_incompatible: Vec<String>,
     /// `iptables-restore` transactions run (0 when the rules were in place).
     pub rule_transactions: usize,
+    /// `KUBE-PROXY-CANARY` chains (re)created.
+    pub canaries_created: usize,
     /// iptables-mode chains were found and removed first (a switch from
     /// iptables mode).
     pub iptables_mode_removed: bool,
@@ -187,6 +189,9 @@ impl std::fmt::Display for GlueReport {
         )?;
         if self.iptables_mode_removed {
             f.write_str("; iptables-mode rules removed")?;
+        }
+        if self.canaries_created > 0 {
+            write!(f, "; {} canaries created", self.canaries_created)?;
         }
         if !self.sets_incompatible.is_empty() {
             write!(
@@ -264,6 +269,7 @@ impl GlueSyncer {
             entries_deleted: 0,
             sets_incompatible: Vec::new(),
             rule_transactions: 0,
+            canaries_created: 0,
             iptables_mode_removed: false,
             elapsed: Duration::ZERO,
         };
@@ -301,7 +307,25 @@ impl GlueSyncer {
             report.rule_transactions = applied.transactions;
             self.rules = Some(glue.rules.clone());
         }
+        if full {
+            // Last: a table flushed from now on empties a canary, which
+            // `canaries_missing` notices.
+            for table in canary::TABLES {
+                if !canary::is_intact(&self.ipt, table)? {
+                    self.ipt.restore(table, &canary::restore_input(table))?;
+                    report.canaries_created += 1;
+                }
+            }
+        }
         Ok(report)
+    }
+
+    /// True when a canary chain (nat, filter or mangle) is gone or emptied:
+    /// someone flushed a table, and the next sync must be full. IPVS mode
+    /// watches the same `KUBE-PROXY-CANARY` chains as iptables mode, as
+    /// upstream's does.
+    pub fn canaries_missing(&self) -> Result<bool, GlueError> {
+        Ok(!canary::missing(&self.ipt)?.is_empty())
     }
 
     /// Whether the tables hold chains of iptables mode that IPVS mode does
