@@ -229,8 +229,11 @@ fn apply(state: &DesiredState, families: &[IpFamily]) -> Result<()> {
     Ok(())
 }
 
-/// Cleans both families, even when one fails. A missing ip6tables is not an
-/// error: there is nothing to clean then.
+/// Removes what either mode, kproxy's or kube-proxy's, left: the iptables
+/// chains of both families, then IPVS's virtual servers, `kube-ipvs0` and
+/// ipsets (after the rules that name the sets). Every part is tried even
+/// when another fails. A missing ip6tables, ip_vs, ip_set or `ipset` is not
+/// an error: there is nothing of theirs to clean then.
 fn cleanup() -> Result<()> {
     let mut failed = Vec::new();
     for family in IpFamily::all() {
@@ -245,6 +248,14 @@ fn cleanup() -> Result<()> {
                 failed.push(family.to_string());
             }
         }
+    }
+    let ipvs = kproxy_ipvs::cleanup::Cleanup::system().run();
+    info!("{ipvs}");
+    for err in &ipvs.errors {
+        warn!("IPVS cleanup failed: {err}");
+    }
+    if !ipvs.is_ok() {
+        failed.push("IPVS".to_string());
     }
     if !failed.is_empty() {
         bail!("cleanup failed for {}", failed.join(" and "));

@@ -16,7 +16,9 @@
 //! - `KUBE-MARK-DROP` was created by kubelet, and other components may still jump
 //!   to it; upstream never deletes it.
 //!
-//! `KUBE-LOOP-BACK` (IPVS mode) is an ipset, not a chain, and is not touched.
+//! IPVS mode's ipsets (`KUBE-LOOP-BACK`, `KUBE-CLUSTER-IP`, ...), virtual
+//! servers and `kube-ipvs0` link are removed by kproxy-ipvs' cleanup, which
+//! runs after this one: a set cannot be destroyed while a rule names it.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -39,7 +41,7 @@ pub const CLEANUP_TABLES: [Table; 3] = [Table::Filter, Table::Nat, Table::Mangle
 /// Fixed-name chains of kproxy and of upstream kube-proxy's iptables and IPVS
 /// modes, in any table. Per-service chains are matched by prefix
 /// ([`names::SERVICE_CHAIN_PREFIXES`]).
-pub const OWNED_CHAINS: [&str; 13] = [
+pub const OWNED_CHAINS: [&str; 14] = [
     // iptables mode
     names::KUBE_SERVICES,
     names::KUBE_EXTERNAL_SERVICES,
@@ -55,6 +57,9 @@ pub const OWNED_CHAINS: [&str; 13] = [
     "KUBE-SOURCE-RANGES-FIREWALL",
     "KUBE-IPVS-FILTER",
     "KUBE-IPVS-OUT-FILTER",
+    // nat, early IPVS mode (loadBalancerSourceRanges), later renamed
+    // KUBE-FIREWALL; no later kube-proxy removes it.
+    "KUBE-FIRE-WALL",
 ];
 
 /// Whether cleanup removes chain `name` of `table`.
@@ -273,6 +278,133 @@ COMMIT
         );
     }
 
+    /// What an IPVS-mode kube-proxy leaves, with an early version's
+    /// `KUBE-FIRE-WALL`, beside kubelet's chains.
+    const IPVS_NAT: &str = r#"*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-FIRE-WALL - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-LOAD-BALANCER - [0:0]
+:KUBE-MARK-DROP - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-NODE-PORT - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:KUBE-SERVICES - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A KUBE-LOAD-BALANCER -j KUBE-MARK-MASQ
+-A KUBE-MARK-DROP -j MARK --set-xmark 0x8000/0x8000
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-NODE-PORT -p tcp -m comment --comment "Kubernetes nodeport TCP port for masquerade purpose" -m set --match-set KUBE-NODE-PORT-TCP dst -j KUBE-MARK-MASQ
+-A KUBE-POSTROUTING -m comment --comment "Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose" -m set --match-set KUBE-LOOP-BACK dst,dst,src -j MASQUERADE
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A KUBE-SERVICES -m comment --comment "Kubernetes service cluster ip + port for masquerade purpose" -m set --match-set KUBE-CLUSTER-IP src,dst -j KUBE-MARK-MASQ
+-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODE-PORT
+-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT
+COMMIT
+"#;
+
+    const IPVS_FILTER: &str = r#"*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-IPVS-FILTER - [0:0]
+:KUBE-IPVS-OUT-FILTER - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-NODE-PORT - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+:KUBE-SOURCE-RANGES-FIREWALL - [0:0]
+-A INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER
+-A INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL
+-A INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A OUTPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-OUT-FILTER
+-A OUTPUT -j KUBE-FIREWALL
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-LOAD-BALANCER dst,dst -j RETURN
+-A KUBE-IPVS-FILTER -m conntrack --ctstate NEW -m set --match-set KUBE-IPVS-IPS dst -j REJECT --reject-with icmp-port-unreachable
+-A KUBE-NODE-PORT -m comment --comment "Kubernetes health check node port" -m set --match-set KUBE-HEALTH-CHECK-NODE-PORT dst -j ACCEPT
+-A KUBE-SOURCE-RANGES-FIREWALL -j DROP
+COMMIT
+"#;
+
+    /// The `-D` and `-X` lines of one table's cleanup.
+    fn unlinked_and_deleted(table: Table, dump: &str) -> (Vec<String>, Vec<String>) {
+        let saved = parse_table(dump, table).unwrap();
+        let txs = plan_cleanup(table, &saved);
+        let lines = |prefix: &str| -> Vec<String> {
+            txs.iter()
+                .flat_map(|t| t.text.lines())
+                .filter_map(|l| l.strip_prefix(prefix))
+                .map(str::to_string)
+                .collect()
+        };
+        (lines("-D "), lines("-X "))
+    }
+
+    #[test]
+    fn ipvs_mode_leftovers_go_and_kubelets_chains_stay() {
+        let (unlinked, deleted) = unlinked_and_deleted(Table::Nat, IPVS_NAT);
+        assert_eq!(
+            unlinked,
+            [
+                r#"PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#,
+                r#"OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES"#,
+                r#"POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING"#,
+            ]
+        );
+        assert_eq!(
+            deleted,
+            [
+                "KUBE-FIRE-WALL",
+                "KUBE-LOAD-BALANCER",
+                "KUBE-MARK-MASQ",
+                "KUBE-NODE-PORT",
+                "KUBE-POSTROUTING",
+                "KUBE-PROXY-CANARY",
+                "KUBE-SERVICES",
+            ]
+        );
+
+        let (unlinked, deleted) = unlinked_and_deleted(Table::Filter, IPVS_FILTER);
+        assert_eq!(
+            unlinked,
+            [
+                r#"INPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-FILTER"#,
+                r#"INPUT -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL"#,
+                r#"INPUT -m comment --comment "kubernetes health check rules" -j KUBE-NODE-PORT"#,
+                r#"FORWARD -m comment --comment "kube-proxy firewall rules" -j KUBE-PROXY-FIREWALL"#,
+                r#"FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD"#,
+                r#"OUTPUT -m comment --comment "kubernetes ipvs access filter" -j KUBE-IPVS-OUT-FILTER"#,
+            ]
+        );
+        assert_eq!(
+            deleted,
+            [
+                "KUBE-FORWARD",
+                "KUBE-IPVS-FILTER",
+                "KUBE-IPVS-OUT-FILTER",
+                "KUBE-NODE-PORT",
+                "KUBE-PROXY-CANARY",
+                "KUBE-PROXY-FIREWALL",
+                "KUBE-SOURCE-RANGES-FIREWALL",
+            ]
+        );
+    }
+
     #[test]
     fn nothing_to_do_in_an_empty_or_foreign_table() {
         let empty = parse_table("", Table::Mangle).unwrap();
@@ -317,6 +449,7 @@ COMMIT
     fn ownership_is_per_table_for_kube_firewall() {
         assert!(!is_owned(Table::Filter, "KUBE-FIREWALL"));
         assert!(is_owned(Table::Nat, "KUBE-FIREWALL"));
+        assert!(is_owned(Table::Nat, "KUBE-FIRE-WALL"));
         assert!(!is_owned(Table::Nat, "KUBE-MARK-DROP"));
         assert!(!is_owned(Table::Filter, "KUBE-KUBELET-CANARY"));
         assert!(is_owned(Table::Mangle, "KUBE-PROXY-CANARY"));

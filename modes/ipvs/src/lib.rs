@@ -14,6 +14,7 @@ pub mod link;
 pub mod modules;
 pub mod sysctl;
 
+pub mod cleanup;
 pub mod dump;
 pub mod glue;
 pub mod plan;

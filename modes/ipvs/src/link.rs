@@ -101,6 +101,15 @@ impl Rtnl {
         }
     }
 
+    /// Deletes dummy link `name`; `false` when there was none. A link of that
+    /// name and another kind is not kproxy's and stays: [`Error::NotDummy`].
+    pub fn delete_dummy(&mut self, name: &str) -> Result<bool> {
+        if self.existing_dummy(name)?.is_none() {
+            return Ok(false);
+        }
+        self.delete_link(name)
+    }
+
     /// Every address bound to link `ifindex`, in order.
     pub fn addresses(&mut self, ifindex: u32) -> Result<Vec<IpAddr>> {
         let mut addrs: Vec<IpAddr> = self
