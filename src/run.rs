@@ -142,13 +142,15 @@ fn live(args: Args) -> Result<()> {
 fn dataplane(args: &Args) -> Result<controller::Dataplane> {
     let backend = args.iptables_backend;
     Ok(match args.mode {
-        ProxyMode::Iptables => controller::Dataplane::Iptables(controller::Rules::new(backend)),
+        ProxyMode::Iptables => {
+            controller::Dataplane::Iptables(Box::new(controller::Rules::new(backend)))
+        }
         ProxyMode::Ipvs => {
             let settings = ipvs_mode::settings(&args.ipvs_options())?;
             let iptables = Box::new(move |f| controller::iptables_for(backend, f));
             let syncer = ipvs_mode::open_syncer(&settings, iptables)?;
             info!(scheduler = %settings.scheduler, "IPVS mode");
-            controller::Dataplane::Ipvs(controller::IpvsRules::new(syncer))
+            controller::Dataplane::Ipvs(Box::new(controller::IpvsRules::new(syncer)))
         }
     })
 }

@@ -14,8 +14,8 @@ use super::rules::{Outcome, Rules};
 use crate::inventory::Inventory;
 
 pub enum Dataplane {
-    Iptables(Rules),
-    Ipvs(IpvsRules),
+    Iptables(Box<Rules>),
+    Ipvs(Box<IpvsRules>),
 }
 
 impl Dataplane {
