@@ -425,6 +425,13 @@ impl Connection {
         }
         Ok(line.trim_end().to_string())
     }
+
+    /// Closes with a RST rather than a FIN: IPVS keeps a FIN-closed
+    /// connection as inactive for minutes (TIME_WAIT), a reset one for
+    /// seconds (CLOSE), so a draining destination empties within a test.
+    pub fn reset(self) -> io::Result<()> {
+        socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO))
+    }
 }
 
 /// A UDP socket with a fixed source address and port, connected to a service:
