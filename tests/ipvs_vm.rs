@@ -363,7 +363,13 @@ spec:
         let file = dir.path().join("cluster.yaml");
         std::fs::write(&file, cluster_file()).unwrap();
 
-        let first = kproxy(&topo.node, &file);
+        // The timeouts are the network namespace's: a fresh one starts at
+        // the kernel's defaults (900 120 300).
+        let first = kproxy_with(
+            &topo.node,
+            &file,
+            &["--ipvs-tcp-timeout", "901s", "--ipvs-udp-timeout", "47s"],
+        );
         let first_log = String::from_utf8_lossy(&first.stderr).into_owned();
         assert!(
             !first_log.contains("ops=0 "),
@@ -393,6 +399,11 @@ spec:
         }
         let table = ipvs_table(&topo.node);
         assert_eq!(table, want);
+        assert_eq!(
+            topo.node.exec("ipvsadm", &["-L", "--timeout"]).trim(),
+            "Timeout (tcp tcpfin udp): 901 120 47",
+            "--ipvs-tcp-timeout and --ipvs-udp-timeout set, tcpfin left alone"
+        );
         let bound = topo.node.ip(&["-o", "addr", "show", "dev", "kube-ipvs0"]);
         for vip in ["10.96.0.10/32", "10.96.0.20/32", "10.96.0.30/32"] {
             assert!(bound.contains(vip), "{vip} not on kube-ipvs0: {bound}");
