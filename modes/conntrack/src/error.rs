@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kproxy_model::IpFamily;
 
-use crate::codec::DecodeError;
+use kproxy_netlink::{DecodeError, SocketError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,4 +47,17 @@ pub enum Error {
 
     #[error("a {len}-byte ctnetlink message did not fit the {cap}-byte receive buffer")]
     Truncated { len: usize, cap: usize },
+}
+
+impl From<SocketError> for Error {
+    fn from(e: SocketError) -> Self {
+        match e {
+            SocketError::Send(e) => Error::Send(e),
+            SocketError::Recv(e) => Error::Recv(e),
+            SocketError::Timeout(after) => Error::Timeout(after),
+            SocketError::Truncated { len, cap } => Error::Truncated { len, cap },
+            // Callers of the cleaner see it as the failed receive it is.
+            SocketError::Overrun => Error::Recv(io::Error::from_raw_os_error(libc::ENOBUFS)),
+        }
+    }
 }

@@ -34,7 +34,6 @@
 //! # }
 //! ```
 
-mod codec;
 mod conntrack;
 mod error;
 mod filter;
@@ -42,8 +41,8 @@ mod flow;
 mod message;
 mod sys;
 
-pub use codec::DecodeError;
 pub use conntrack::Conntrack;
 pub use error::Error;
 pub use filter::{Filter, ReplySrc};
 pub use flow::{Flow, ProtoTuple, Tuple, ip_proto};
+pub use kproxy_netlink::DecodeError;

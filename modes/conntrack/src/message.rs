@@ -1,114 +1,19 @@
-//! ctnetlink messages on the wire: the netlink header, `struct nfgenmsg`, and
-//! the conntrack attributes kproxy reads and writes.
+//! ctnetlink messages on the wire: `struct nfgenmsg` and the conntrack
+//! attributes kproxy reads and writes. The netlink framing around them is
+//! kproxy-netlink's.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kproxy_model::IpFamily;
 
-use crate::codec::{
-    Be16, Be32, Codec, DecodeError, Reader, for_each_attr, put_attr, put_nested, set_once,
-};
 use crate::flow::{Flow, ProtoTuple, Tuple};
 use crate::sys::*;
-
-/// `struct nlmsghdr`, in host byte order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct NlMsgHdr {
-    pub len: u32,
-    pub kind: u16,
-    pub flags: u16,
-    pub seq: u32,
-    pub pid: u32,
-}
-
-impl Codec for NlMsgHdr {
-    fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.len.to_ne_bytes());
-        out.extend_from_slice(&self.kind.to_ne_bytes());
-        out.extend_from_slice(&self.flags.to_ne_bytes());
-        out.extend_from_slice(&self.seq.to_ne_bytes());
-        out.extend_from_slice(&self.pid.to_ne_bytes());
-    }
-
-    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        Ok(NlMsgHdr {
-            len: u32::from_ne_bytes(r.take_array("nlmsg_len")?),
-            kind: u16::from_ne_bytes(r.take_array("nlmsg_type")?),
-            flags: u16::from_ne_bytes(r.take_array("nlmsg_flags")?),
-            seq: u32::from_ne_bytes(r.take_array("nlmsg_seq")?),
-            pid: u32::from_ne_bytes(r.take_array("nlmsg_pid")?),
-        })
-    }
-}
-
-/// Reads the next netlink message of a datagram: its header and its payload.
-pub(crate) fn read_message<'a>(r: &mut Reader<'a>) -> Result<(NlMsgHdr, &'a [u8]), DecodeError> {
-    let hdr = NlMsgHdr::read(r)?;
-    let len = hdr.len as usize;
-    if len < NLMSG_HDRLEN {
-        return Err(DecodeError::BadLength {
-            what: "netlink message",
-            len,
-        });
-    }
-    let body = r.take(len - NLMSG_HDRLEN, "netlink message payload")?;
-    r.skip_padding(len.next_multiple_of(NLMSG_ALIGNTO) - len);
-    Ok((hdr, body))
-}
-
-/// Appends one whole netlink message.
-pub(crate) fn put_message(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, body: &impl Codec) {
-    let start = out.len();
-    NlMsgHdr {
-        len: 0,
-        kind,
-        flags,
-        seq,
-        pid: 0,
-    }
-    .encode(out);
-    body.encode(out);
-    // A ctnetlink request is a few hundred bytes at most.
-    let len = (out.len() - start) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-    out.resize(start + (len as usize).next_multiple_of(NLMSG_ALIGNTO), 0);
-}
+use kproxy_netlink::attr::{for_each_attr, put_attr, put_nested, set_once};
+use kproxy_netlink::codec::{Be16, Be32, Codec, DecodeError, Reader};
 
 /// The `nlmsg_type` of a ctnetlink message.
 pub(crate) fn ct_type(msg: u8) -> u16 {
     (u16::from(NFNL_SUBSYS_CTNETLINK) << 8) | u16::from(msg)
-}
-
-/// The errno of an `NLMSG_ERROR` message (0 for an ack), as the kernel sends
-/// it: negative.
-pub(crate) fn read_error(flags: u16, body: &[u8]) -> Result<i32, DecodeError> {
-    let mut r = Reader::new(body);
-    let error = i32::from_ne_bytes(r.take_array("nlmsgerr error")?);
-    let request = NlMsgHdr::read(&mut r)?;
-    if flags & NLM_F_CAPPED == 0 {
-        // The kernel echoes the whole request unless NETLINK_CAP_ACK is set.
-        let echoed = (request.len as usize).saturating_sub(NLMSG_HDRLEN);
-        r.take(echoed, "echoed request")?;
-    }
-    if flags & NLM_F_ACK_TLVS != 0 {
-        let rest = r.take(r.left(), "extended ack")?;
-        for_each_attr(rest, |_| Ok(()))?;
-    }
-    r.expect_empty("nlmsgerr")?;
-    Ok(error)
-}
-
-/// The `int` an `NLMSG_DONE` carries: 0, or a negative errno when the dump
-/// failed part way.
-pub(crate) fn read_done(body: &[u8]) -> Result<i32, DecodeError> {
-    if body.is_empty() {
-        return Ok(0);
-    }
-    let mut r = Reader::new(body);
-    let error = i32::from_ne_bytes(r.take_array("NLMSG_DONE errno")?);
-    // Extended-ack TLVs may follow when the dump failed.
-    for_each_attr(r.take(r.left(), "NLMSG_DONE tlvs")?, |_| Ok(()))?;
-    Ok(error)
 }
 
 fn family_code(family: IpFamily) -> u8 {
@@ -417,6 +322,9 @@ impl CtMessage {
 
 #[cfg(test)]
 mod tests {
+    use kproxy_netlink::message::{NlMsgHdr, put_message, read_frame};
+    use kproxy_netlink::sys::{NLM_F_ACK, NLM_F_MULTI, NLM_F_REQUEST};
+
     use super::*;
 
     fn unhex(s: &str) -> Vec<u8> {
@@ -459,9 +367,10 @@ mod tests {
 
     fn decode_entry(bytes: &[u8]) -> Result<(NlMsgHdr, Flow), DecodeError> {
         let mut r = Reader::new(bytes);
-        let (hdr, body) = read_message(&mut r)?;
+        let body = read_frame(&mut r)?.payload;
         r.expect_empty("datagram")?;
         let flow = CtMessage::decode(body, "conntrack entry")?.into_flow()?;
+        let hdr = NlMsgHdr::read(&mut Reader::new(bytes))?;
         Ok((hdr, flow))
     }
 
@@ -696,62 +605,5 @@ mod tests {
         // CTA_PROTO_ICMPV6_ID follows CTA_PROTO_NUM.
         assert_eq!(&bytes[8..12], &[6, 0, CTA_PROTO_ICMPV6_ID as u8, 0]);
         assert_eq!(ProtoTuple::decode(&bytes, "proto").unwrap(), p);
-    }
-
-    fn error_message(errno: i32, echoed: &[u8]) -> Vec<u8> {
-        let mut body = errno.to_ne_bytes().to_vec();
-        NlMsgHdr {
-            len: (NLMSG_HDRLEN + echoed.len()) as u32,
-            kind: ct_type(IPCTNL_MSG_CT_DELETE),
-            flags: NLM_F_REQUEST | NLM_F_ACK,
-            seq: 3,
-            pid: 0,
-        }
-        .encode(&mut body);
-        body.extend_from_slice(echoed);
-        body
-    }
-
-    #[test]
-    fn acks_and_errors_are_read_strictly() {
-        let capped = error_message(-libc::ENOENT, &[]);
-        assert_eq!(read_error(NLM_F_CAPPED, &capped), Ok(-libc::ENOENT));
-        // Without NETLINK_CAP_ACK the request comes back whole.
-        let full = error_message(0, &[2, 0, 0, 0]);
-        assert_eq!(read_error(0, &full), Ok(0));
-        // A capped ack with stray bytes, or an echo shorter than announced.
-        let mut stray = capped.clone();
-        stray.push(0);
-        assert!(read_error(NLM_F_CAPPED, &stray).is_err());
-        assert!(read_error(0, &full[..full.len() - 1]).is_err());
-    }
-
-    #[test]
-    fn done_carries_the_dump_errno() {
-        assert_eq!(read_done(&[]), Ok(0));
-        assert_eq!(read_done(&0i32.to_ne_bytes()), Ok(0));
-        assert_eq!(read_done(&(-libc::EINTR).to_ne_bytes()), Ok(-libc::EINTR));
-        assert!(read_done(&[0, 0]).is_err());
-    }
-
-    #[test]
-    fn messages_in_a_datagram_are_split_on_their_lengths() {
-        let mut datagram = Vec::new();
-        put_message(&mut datagram, NLMSG_NOOP, 0, 1, &7u8);
-        put_message(&mut datagram, NLMSG_DONE, 0, 2, &Be32(0));
-        assert_eq!(datagram.len(), 20 + 20);
-        let mut r = Reader::new(&datagram);
-        let (a, body_a) = read_message(&mut r).unwrap();
-        let (b, body_b) = read_message(&mut r).unwrap();
-        assert!(r.is_empty());
-        assert_eq!(
-            (a.kind, a.seq, a.len, body_a),
-            (NLMSG_NOOP, 1, 17, &[7u8][..])
-        );
-        assert_eq!((b.kind, b.seq, body_b.len()), (NLMSG_DONE, 2, 4));
-        // A header announcing less than itself.
-        let mut bad = datagram.clone();
-        bad[..4].copy_from_slice(&8u32.to_ne_bytes());
-        assert!(read_message(&mut Reader::new(&bad)).is_err());
     }
 }

@@ -1,37 +1,9 @@
 //! Kernel constants, spelled as in the uapi headers they come from:
-//! `linux/netlink.h`, `linux/netfilter/nfnetlink.h` and
-//! `linux/netfilter/nfnetlink_conntrack.h`. Only what this crate uses.
+//! `linux/netfilter/nfnetlink.h` and `linux/netfilter/nfnetlink_conntrack.h`.
+//! Only what this crate uses; those of `linux/netlink.h` are
+//! `kproxy_netlink::sys`.
 
 #![allow(dead_code)] // a header's worth of names, kept whole for reference
-
-// linux/netlink.h
-pub const NETLINK_NETFILTER: isize = 12;
-pub const NETLINK_CAP_ACK: libc::c_int = 10;
-
-pub const NLM_F_REQUEST: u16 = 0x01;
-pub const NLM_F_MULTI: u16 = 0x02;
-pub const NLM_F_ACK: u16 = 0x04;
-pub const NLM_F_DUMP_INTR: u16 = 0x10;
-pub const NLM_F_ROOT: u16 = 0x100;
-pub const NLM_F_MATCH: u16 = 0x200;
-pub const NLM_F_DUMP: u16 = NLM_F_ROOT | NLM_F_MATCH;
-/// Flags of an `NLMSG_ERROR` message.
-pub const NLM_F_CAPPED: u16 = 0x100;
-pub const NLM_F_ACK_TLVS: u16 = 0x200;
-
-pub const NLMSG_ALIGNTO: usize = 4;
-pub const NLMSG_HDRLEN: usize = 16;
-
-pub const NLMSG_NOOP: u16 = 0x1;
-pub const NLMSG_ERROR: u16 = 0x2;
-pub const NLMSG_DONE: u16 = 0x3;
-pub const NLMSG_OVERRUN: u16 = 0x4;
-
-pub const NLA_HDRLEN: usize = 4;
-pub const NLA_ALIGNTO: usize = 4;
-pub const NLA_F_NESTED: u16 = 1 << 15;
-pub const NLA_F_NET_BYTEORDER: u16 = 1 << 14;
-pub const NLA_TYPE_MASK: u16 = !(NLA_F_NESTED | NLA_F_NET_BYTEORDER);
 
 // linux/netfilter/nfnetlink.h
 pub const NFNETLINK_V0: u8 = 0;

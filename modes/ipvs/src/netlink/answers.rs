@@ -5,9 +5,11 @@
 use std::io;
 use std::ops::Range;
 
+use kproxy_netlink::{DumpError, Frame};
+
 use crate::error::Error;
 use crate::netlink::codec::DecodeError;
-use crate::netlink::frame::{frames, read_ack, read_done, read_family_id, read_ipvs};
+use crate::netlink::frame::{frames, read_ack, read_family_id, read_ipvs};
 use crate::netlink::message::IpvsMessage;
 use crate::netlink::op::OpFailure;
 use crate::netlink::sys::*;
@@ -54,33 +56,20 @@ impl FamilyReader {
     }
 }
 
-/// The answers to one dump request.
+/// The answers to one dump request: the IPVS messages of kproxy-netlink's
+/// [`kproxy_netlink::DumpReader`].
 pub(crate) struct DumpReader<'a> {
     pub request: &'a IpvsMessage,
-    pub seq: u32,
-    pub port: u32,
     pub family: u16,
-    /// A reply that could not be read fails the dump, but only once it is
-    /// over: the kernel refuses a new dump on a socket whose last one was
-    /// left open.
-    bad: Option<DecodeError>,
+    answers: kproxy_netlink::DumpReader,
 }
 
 impl<'a> DumpReader<'a> {
     pub fn new(request: &'a IpvsMessage, seq: u32, port: u32, family: u16) -> Self {
         DumpReader {
             request,
-            seq,
-            port,
             family,
-            bad: None,
-        }
-    }
-
-    fn failed(&self, errno: i32) -> Error {
-        Error::IpvsDump {
-            what: format!("cannot {}", self.request),
-            source: io::Error::from_raw_os_error(errno),
+            answers: kproxy_netlink::DumpReader::new(seq, port),
         }
     }
 
@@ -91,34 +80,20 @@ impl<'a> DumpReader<'a> {
         datagram: &[u8],
         each: &mut impl FnMut(IpvsMessage),
     ) -> Result<bool, Error> {
-        for frame in frames(datagram) {
-            let frame = frame?;
-            if frame.seq != self.seq || frame.pid != self.port {
-                continue;
+        let family = self.family;
+        let reply = |frame: Frame<'_>| {
+            if frame.kind == family {
+                each(read_ipvs(frame.payload)?);
             }
-            match frame.kind {
-                NLMSG_DONE => {
-                    let code = read_done(frame.payload)?;
-                    return match self.bad.take() {
-                        Some(e) => Err(e.into()),
-                        None if code < 0 => Err(self.failed(code.saturating_abs())),
-                        None => Ok(true),
-                    };
-                }
-                NLMSG_ERROR => match read_ack(frame.flags, frame.payload)?.errno {
-                    0 => {}
-                    errno => return Err(self.failed(errno)),
-                },
-                kind if kind == self.family => match read_ipvs(frame.payload) {
-                    Ok(msg) => each(msg),
-                    Err(e) => {
-                        self.bad.get_or_insert(e);
-                    }
-                },
-                _ => {}
-            }
-        }
-        Ok(false)
+            Ok(())
+        };
+        self.answers.feed(datagram, reply).map_err(|e| match e {
+            DumpError::Decode(e) => e.into(),
+            DumpError::Failed(errno) => Error::IpvsDump {
+                what: format!("cannot {}", self.request),
+                source: io::Error::from_raw_os_error(errno),
+            },
+        })
     }
 }
 
@@ -189,11 +164,7 @@ impl<'a> ReplyReader<'a> {
 /// sequence numbers count up from `first_seq`.
 pub(crate) struct AckReader<'a> {
     pub requests: &'a [IpvsMessage],
-    pub first_seq: u32,
-    pub port: u32,
-    pub batch: Range<usize>,
-    answered: Vec<bool>,
-    pending: usize,
+    acks: kproxy_netlink::AckReader,
 }
 
 impl<'a> AckReader<'a> {
@@ -205,40 +176,25 @@ impl<'a> AckReader<'a> {
     ) -> Self {
         AckReader {
             requests,
-            first_seq,
-            port,
-            answered: vec![false; batch.len()],
-            pending: batch.len(),
-            batch,
+            acks: kproxy_netlink::AckReader::new(first_seq, port, batch),
         }
     }
 
     pub fn done(&self) -> bool {
-        self.pending == 0
+        self.acks.done()
     }
 
     /// Reads one datagram of acks, adding the refusals to `failures`. Acks
     /// of other requests (left from an earlier call) are ignored.
     pub fn feed(&mut self, datagram: &[u8], failures: &mut Vec<OpFailure>) -> Result<(), Error> {
-        for frame in frames(datagram) {
-            let frame = frame?;
-            let index = frame.seq.wrapping_sub(self.first_seq) as usize;
-            if frame.kind != NLMSG_ERROR
-                || frame.pid != self.port
-                || !self.batch.contains(&index)
-                || self.answered[index - self.batch.start]
-            {
-                continue;
-            }
-            self.answered[index - self.batch.start] = true;
-            self.pending -= 1;
-            let ack = read_ack(frame.flags, frame.payload)?;
+        let requests = self.requests;
+        self.acks.feed(datagram, |index, ack| {
             if ack.errno != 0 {
-                let error = Error::refused(&self.requests[index], ack);
+                let error = Error::refused(&requests[index], ack);
                 tracing::debug!(%error, "IPVS refused a request");
                 failures.push(OpFailure { index, error });
             }
-        }
+        })?;
         Ok(())
     }
 }

@@ -1,11 +1,8 @@
 //! The IPVS generic netlink socket: family lookup, dumps and batched changes.
 
-use std::io;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
-use netlink_sys::{Socket, SocketAddr};
+use kproxy_netlink::NlSocket;
 
 use crate::error::Error;
 use crate::netlink::answers::{AckReader, DumpReader, FamilyReader, ReplyReader};
@@ -16,9 +13,6 @@ use crate::netlink::op::{BatchReport, Op, split_batches};
 use crate::netlink::sys::*;
 use crate::types::{Destination, Timeouts, VirtualServer, VirtualServerKey};
 
-/// Netlink never builds a dump datagram above 32 KiB; twice that leaves room.
-const RECV_BUF: usize = 64 * 1024;
-const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 /// Asked of the kernel for the socket's buffers (it doubles them). Raising
 /// the limits needs CAP_NET_ADMIN, which IPVS needs anyway; without it the
 /// system's defaults apply and batches are smaller.
@@ -49,7 +43,7 @@ impl std::fmt::Debug for IpvsClient {
         let inner = self.lock();
         f.debug_struct("IpvsClient")
             .field("family", &inner.family)
-            .field("port", &inner.port)
+            .field("port", &inner.socket.port())
             .field("max_datagram", &inner.max_bytes)
             .field("max_requests", &inner.max_requests)
             .finish_non_exhaustive()
@@ -57,11 +51,8 @@ impl std::fmt::Debug for IpvsClient {
 }
 
 struct Inner {
-    socket: Socket,
-    port: u32,
-    seq: u32,
+    socket: NlSocket,
     family: u16,
-    buf: Vec<u8>,
     max_bytes: usize,
     max_requests: usize,
 }
@@ -70,25 +61,19 @@ impl IpvsClient {
     /// Opens the socket and looks up the IPVS family. Fails with
     /// [`Error::IpvsFamilyMissing`] when the ip_vs module is not loaded.
     pub fn new() -> Result<Self, Error> {
-        let mut socket = Socket::new(NETLINK_GENERIC).map_err(Error::IpvsSocket)?;
-        let addr = socket.bind_auto().map_err(Error::IpvsSocket)?;
-        // Refusals then echo only the request's header, not the request.
-        socket.set_cap_ack(true).map_err(Error::IpvsSocket)?;
-        // The kernel's reason in words, where it gives one; kernels before
-        // 4.12 do not know the option, and errors just lack the text.
-        let _ = socket.set_ext_ack(true);
-        set_recv_timeout(socket.as_raw_fd(), RECV_TIMEOUT).map_err(Error::IpvsSocket)?;
-        let fd = socket.as_raw_fd();
-        let rcvbuf = grow_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, RCVBUF_WANTED)
+        let socket = NlSocket::open(NETLINK_GENERIC).map_err(Error::IpvsSocket)?;
+        // The kernel's reason in words, where it gives one; without it (before
+        // 4.12), errors just lack the text.
+        let _ = socket.set_ext_ack();
+        let rcvbuf = socket
+            .grow_recv_buffer(RCVBUF_WANTED)
             .map_err(Error::IpvsSocket)?;
-        let sndbuf = grow_buffer(fd, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, SNDBUF_WANTED)
+        let sndbuf = socket
+            .grow_send_buffer(SNDBUF_WANTED)
             .map_err(Error::IpvsSocket)?;
         let mut inner = Inner {
             socket,
-            port: addr.port_number(),
-            seq: 0,
             family: 0,
-            buf: Vec::with_capacity(RECV_BUF),
             // netlink_sendmsg refuses datagrams above the send buffer less 32.
             max_bytes: MAX_DATAGRAM.min(sndbuf.saturating_sub(32)),
             max_requests: (rcvbuf / ACK_COST).max(1),
@@ -258,77 +243,13 @@ impl IpvsClient {
 }
 
 impl Inner {
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1);
-        self.seq
-    }
-
-    fn send(&self, datagram: &[u8]) -> Result<(), Error> {
-        let kernel = SocketAddr::new(0, 0);
-        loop {
-            match self.socket.send_to(datagram, &kernel, 0) {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::IpvsSend(e)),
-            }
-        }
-    }
-
-    /// Receives one datagram into `self.buf`.
-    fn recv(&mut self) -> Result<(), Error> {
-        self.buf.clear();
-        loop {
-            match self.socket.recv(&mut self.buf, libc::MSG_TRUNC) {
-                // With MSG_TRUNC the kernel reports the datagram's real size.
-                Ok(len) if len > self.buf.capacity() => {
-                    return Err(Error::IpvsTruncated {
-                        len,
-                        cap: self.buf.capacity(),
-                    });
-                }
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(Error::IpvsTimeout(RECV_TIMEOUT));
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    return Err(Error::IpvsAnswersLost);
-                }
-                Err(e) => return Err(Error::IpvsRecv(e)),
-            }
-        }
-    }
-
-    /// Throws away whatever an earlier, failed call left unread, so that its
-    /// answers neither fill the buffer nor get mistaken for new ones.
-    fn drain(&mut self) {
-        loop {
-            self.buf.clear();
-            match self.socket.recv(&mut self.buf, libc::MSG_DONTWAIT) {
-                Ok(_) => tracing::debug!("dropping a stale IPVS netlink answer"),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            }
-        }
-    }
-
     fn resolve_family(&mut self) -> Result<u16, Error> {
-        let seq = self.next_seq();
+        let seq = self.socket.next_seq();
         let mut request = Vec::new();
         put_family_request(&mut request, seq, IPVS_GENL_NAME);
-        self.send(&request)?;
-        let mut reader = FamilyReader::new(seq, self.port);
-        loop {
-            self.recv()?;
-            if let Some(id) = reader.feed(&self.buf)? {
-                return Ok(id);
-            }
-        }
+        self.socket.send(&request)?;
+        let mut reader = FamilyReader::new(seq, self.socket.port());
+        self.socket.recv_until(|datagram| reader.feed(datagram))
     }
 
     fn dump(
@@ -336,56 +257,38 @@ impl Inner {
         request: &IpvsMessage,
         mut each: impl FnMut(IpvsMessage),
     ) -> Result<(), Error> {
-        self.drain();
-        let seq = self.next_seq();
-        let mut datagram = Vec::new();
-        put_request(
-            &mut datagram,
-            self.family,
-            NLM_F_REQUEST | NLM_F_DUMP,
-            seq,
-            request,
-        );
-        self.send(&datagram)?;
-        let mut reader = DumpReader::new(request, seq, self.port, self.family);
-        loop {
-            self.recv()?;
-            if reader.feed(&self.buf, &mut each)? {
-                return Ok(());
-            }
-        }
+        let seq = self.send_one(request, NLM_F_REQUEST | NLM_F_DUMP)?;
+        let mut reader = DumpReader::new(request, seq, self.socket.port(), self.family);
+        self.socket
+            .recv_until(|datagram| Ok::<_, Error>(reader.feed(datagram, &mut each)?.then_some(())))
     }
 
     /// Sends a request the kernel answers with one message before its ack.
     fn request(&mut self, request: &IpvsMessage) -> Result<IpvsMessage, Error> {
-        self.drain();
-        let seq = self.next_seq();
+        let seq = self.send_one(request, NLM_F_REQUEST | NLM_F_ACK)?;
+        let mut reader = ReplyReader::new(request, seq, self.socket.port(), self.family);
+        self.socket.recv_until(|datagram| reader.feed(datagram))
+    }
+
+    /// Sends one request, once the answers an earlier call left are gone,
+    /// and returns its sequence number.
+    fn send_one(&mut self, request: &IpvsMessage, flags: u16) -> Result<u32, Error> {
+        self.socket.drain();
+        let seq = self.socket.next_seq();
         let mut datagram = Vec::new();
-        put_request(
-            &mut datagram,
-            self.family,
-            NLM_F_REQUEST | NLM_F_ACK,
-            seq,
-            request,
-        );
-        self.send(&datagram)?;
-        let mut reader = ReplyReader::new(request, seq, self.port, self.family);
-        loop {
-            self.recv()?;
-            if let Some(reply) = reader.feed(&self.buf)? {
-                return Ok(reply);
-            }
-        }
+        put_request(&mut datagram, self.family, flags, seq, request);
+        self.socket.send(&datagram)?;
+        Ok(seq)
     }
 
     fn execute(&mut self, requests: &[IpvsMessage]) -> Result<BatchReport, Error> {
-        self.drain();
-        let first_seq = self.seq.wrapping_add(1);
+        self.socket.drain();
+        let first_seq = self.socket.next_seqs(requests.len());
         let mut bytes = Vec::with_capacity(requests.len() * 112);
         let mut offsets = Vec::with_capacity(requests.len() + 1);
-        for msg in requests {
+        for (i, msg) in requests.iter().enumerate() {
             offsets.push(bytes.len());
-            let seq = self.next_seq();
+            let seq = first_seq.wrapping_add(i as u32);
             put_request(&mut bytes, self.family, NLM_F_REQUEST | NLM_F_ACK, seq, msg);
         }
         offsets.push(bytes.len());
@@ -393,93 +296,17 @@ impl Inner {
 
         let mut report = BatchReport::default();
         for batch in split_batches(&lens, self.max_bytes, self.max_requests) {
-            self.send(&bytes[offsets[batch.start]..offsets[batch.end]])?;
+            self.socket
+                .send(&bytes[offsets[batch.start]..offsets[batch.end]])?;
             report.datagrams += 1;
             report.sent += batch.len();
-            let mut reader = AckReader::new(requests, first_seq, self.port, batch);
-            while !reader.done() {
-                self.recv()?;
-                reader.feed(&self.buf, &mut report.failures)?;
-            }
+            let mut reader = AckReader::new(requests, first_seq, self.socket.port(), batch);
+            let failures = &mut report.failures;
+            self.socket.recv_until(|datagram| {
+                reader.feed(datagram, failures)?;
+                Ok::<_, Error>(reader.done().then_some(()))
+            })?;
         }
         Ok(report)
     }
-}
-
-fn set_recv_timeout(fd: RawFd, timeout: Duration) -> io::Result<()> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: the fd is a socket this process owns, and `tv` is a valid
-    // `struct timeval` whose size is passed along.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn set_int(fd: RawFd, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
-    // SAFETY: the fd is a socket this process owns; the option value is a
-    // c_int whose size is passed along.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn get_int(fd: RawFd, name: libc::c_int) -> io::Result<usize> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: as for `set_int`; `len` holds the size of `value`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value.max(0) as usize)
-}
-
-/// Raises a socket buffer past the system limit if allowed, else up to it,
-/// and returns the size the kernel settled on.
-fn grow_buffer(
-    fd: RawFd,
-    force: libc::c_int,
-    plain: libc::c_int,
-    wanted: libc::c_int,
-) -> io::Result<usize> {
-    let current = get_int(fd, plain)?;
-    if current >= 2 * wanted as usize {
-        return Ok(current);
-    }
-    if set_int(fd, force, wanted).is_err() {
-        // Without CAP_NET_ADMIN: up to net.core.{r,w}mem_max.
-        let _ = set_int(fd, plain, wanted);
-    }
-    get_int(fd, plain)
 }

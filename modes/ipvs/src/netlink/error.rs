@@ -1,7 +1,10 @@
-//! Mapping the kernel's refusals of IPVS requests to the crate's [`Error`]
-//! (the IPVS variants live in `crate::error`, under their own heading).
+//! Mapping the kernel's refusals of IPVS requests, and what goes wrong on the
+//! socket, to the crate's [`Error`] (the IPVS variants live in `crate::error`,
+//! under their own heading).
 
 use std::io;
+
+use kproxy_netlink::SocketError;
 
 use crate::error::Error;
 use crate::netlink::frame::Ack;
@@ -60,6 +63,18 @@ impl Error {
                 source: io::Error::from_raw_os_error(errno),
                 detail: ack.message,
             },
+        }
+    }
+}
+
+impl From<SocketError> for Error {
+    fn from(e: SocketError) -> Self {
+        match e {
+            SocketError::Send(e) => Error::IpvsSend(e),
+            SocketError::Recv(e) => Error::IpvsRecv(e),
+            SocketError::Timeout(after) => Error::IpvsTimeout(after),
+            SocketError::Overrun => Error::IpvsAnswersLost,
+            SocketError::Truncated { len, cap } => Error::IpvsTruncated { len, cap },
         }
     }
 }

@@ -1,168 +1,85 @@
-//! Netlink framing: requests are built as `NetlinkMessage<GenlMessage<_>>`
-//! with the netlink-packet crates; received datagrams are split into messages,
-//! and acks, dump ends and the nlctrl family reply are read.
+//! Generic netlink framing for IPVS: requests are `struct genlmsghdr` and the
+//! IPVS attributes inside kproxy-netlink's `struct nlmsghdr` framing, as is
+//! the nlctrl lookup of the family; replies are read back the same way.
 
-use netlink_packet_core::{
-    DoneBuffer, ErrorBuffer, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+use kproxy_netlink::message::put_message_with;
+pub(crate) use kproxy_netlink::message::{Ack, frames, read_ack};
+
+use crate::netlink::codec::{
+    Codec, DecodeError, NulString, Reader, for_each_attr, put_attr, set_once,
 };
-use netlink_packet_generic::ctrl::GenlCtrl;
-use netlink_packet_generic::ctrl::GenlCtrlCmd;
-use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
-use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
-
-use crate::netlink::codec::{Codec, DecodeError, NulString, Reader, for_each_attr, set_once};
 use crate::netlink::message::IpvsMessage;
 use crate::netlink::sys::*;
 
-fn nl_error(e: netlink_packet_core::DecodeError) -> DecodeError {
-    DecodeError::Netlink(e.to_string())
+/// The version nlctrl's own messages carry (the kernel registers the family
+/// as version 2 and checks no request's).
+const NLCTRL_VERSION: u8 = 2;
+
+/// `struct genlmsghdr`: the command and the family's version, then 2 reserved
+/// bytes that must be 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GenlMsgHdr {
+    cmd: u8,
+    version: u8,
 }
 
-fn put<I>(out: &mut Vec<u8>, flags: u16, seq: u32, inner: I)
-where
-    I: netlink_packet_core::NetlinkSerializable,
-{
-    let mut header = NetlinkHeader::default();
-    header.flags = flags;
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
-    msg.finalize();
-    let start = out.len();
-    out.resize(start + msg.buffer_len(), 0);
-    msg.serialize(&mut out[start..]);
-    // Every message of a batch starts aligned; IPVS attributes keep the
-    // length a multiple of 4 already.
-    out.resize(out.len().next_multiple_of(NLMSG_ALIGNTO), 0);
+impl Codec for GenlMsgHdr {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.cmd.encode(out);
+        self.version.encode(out);
+        0u16.encode(out);
+    }
+
+    fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let [cmd, version, _, _] = r.take_array::<GENL_HDRLEN>("genlmsghdr")?;
+        Ok(GenlMsgHdr { cmd, version })
+    }
 }
 
-/// Appends one IPVS request for family `family`. The port is left 0: the
-/// kernel fills in the sender's.
+/// Appends one IPVS request for family `family`.
 pub(crate) fn put_request(out: &mut Vec<u8>, family: u16, flags: u16, seq: u32, msg: &IpvsMessage) {
-    let genl = GenlMessage::new(
-        GenlHeader {
-            cmd: msg.command(),
-            version: msg.version(),
-        },
-        msg.clone(),
-        family,
-    );
-    put(out, flags, seq, genl);
+    put_message_with(out, family, flags, seq, |out| {
+        GenlMsgHdr {
+            cmd: msg.cmd.code(),
+            version: IPVS_GENL_VERSION,
+        }
+        .encode(out);
+        msg.encode_attrs(out);
+    });
 }
 
 /// Appends the nlctrl request for the id of the family named `name`.
 pub(crate) fn put_family_request(out: &mut Vec<u8>, seq: u32, name: &str) {
-    let ctrl = GenlMessage::from_payload(GenlCtrl {
-        cmd: GenlCtrlCmd::GetFamily,
-        nlas: vec![GenlCtrlAttrs::FamilyName(name.to_string())],
-    });
-    put(out, NLM_F_REQUEST | NLM_F_ACK, seq, ctrl);
-}
-
-/// One message of a received datagram.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Frame<'a> {
-    pub kind: u16,
-    pub flags: u16,
-    pub seq: u32,
-    pub pid: u32,
-    pub payload: &'a [u8],
-}
-
-/// Splits a datagram into its messages. A message whose length runs past the
-/// datagram, or bytes too few for a header at the end, are errors.
-pub(crate) fn frames(buf: &[u8]) -> impl Iterator<Item = Result<Frame<'_>, DecodeError>> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at >= buf.len() {
-            return None;
+    put_message_with(out, GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, seq, |out| {
+        GenlMsgHdr {
+            cmd: CTRL_CMD_GETFAMILY,
+            version: NLCTRL_VERSION,
         }
-        let nl = match NetlinkBuffer::new_checked(&buf[at..]) {
-            Ok(nl) => nl,
-            Err(e) => {
-                at = buf.len();
-                return Some(Err(nl_error(e)));
-            }
-        };
-        let len = nl.length() as usize;
-        let frame = Frame {
-            kind: nl.message_type(),
-            flags: nl.flags(),
-            seq: nl.sequence_number(),
-            pid: nl.port_number(),
-            payload: &buf[at + NLMSG_HDRLEN..at + len],
-        };
-        at += len.next_multiple_of(NLMSG_ALIGNTO);
-        Some(Ok(frame))
-    })
+        .encode(out);
+        put_attr(out, CTRL_ATTR_FAMILY_NAME, &NulString(name.to_string()));
+    });
+}
+
+/// Splits a generic netlink payload into its header and attributes.
+fn split_genl(payload: &[u8]) -> Result<(GenlMsgHdr, &[u8]), DecodeError> {
+    let mut r = Reader::new(payload);
+    let header = GenlMsgHdr::read(&mut r)?;
+    Ok((header, r.rest()))
 }
 
 /// The IPVS message of a data frame.
 pub(crate) fn read_ipvs(payload: &[u8]) -> Result<IpvsMessage, DecodeError> {
-    let header = GenlHeader::parse(payload).map_err(nl_error)?;
-    IpvsMessage::decode(header.cmd, &payload[GENL_HDRLEN..])
-}
-
-/// What an `NLMSG_ERROR` message says about one request.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Ack {
-    /// 0 for success, else a positive errno.
-    pub errno: i32,
-    /// The kernel's extended-ack text, when it gave one.
-    pub message: Option<String>,
-}
-
-/// Reads an `NLMSG_ERROR` payload: the error code, the request's header (or
-/// the whole request, when the socket does not cap acks and the code is an
-/// error), then, if flagged, extended-ack attributes.
-pub(crate) fn read_ack(flags: u16, payload: &[u8]) -> Result<Ack, DecodeError> {
-    let err = ErrorBuffer::new_checked(payload).map_err(nl_error)?;
-    let errno = err.code().map_or(0, |c| c.get().saturating_abs());
-    let rest = err.payload();
-    // The echoed header keeps the request's length even when the request
-    // itself is not echoed, so it is read as bytes, not as a message.
-    let mut r = Reader::new(rest);
-    let request_len = u32::read(&mut r)? as usize;
-    r.take(NLMSG_HDRLEN - 4, "acked request header")?;
-    let echoed = if errno == 0 || flags & NLM_F_CAPPED != 0 {
-        NLMSG_HDRLEN
-    } else {
-        request_len.next_multiple_of(NLMSG_ALIGNTO)
-    };
-    let mut message = None;
-    if flags & NLM_F_ACK_TLVS != 0 {
-        let tlvs = rest.get(echoed..).ok_or(DecodeError::Truncated {
-            what: "acked request",
-            needed: echoed,
-            left: rest.len(),
-        })?;
-        for_each_attr(tlvs, |a| match a.kind {
-            NLMSGERR_ATTR_MSG => {
-                const WHAT: &str = "NLMSGERR_ATTR_MSG";
-                set_once(&mut message, a.get::<NulString>(WHAT)?.0, WHAT)
-            }
-            _ => Ok(()),
-        })?;
-    }
-    Ok(Ack { errno, message })
-}
-
-/// The code an `NLMSG_DONE` message ends a dump with: 0, or a negative errno.
-pub(crate) fn read_done(payload: &[u8]) -> Result<i32, DecodeError> {
-    if payload.is_empty() {
-        // As netlink-packet-core reads it: an end without a code is success.
-        return Ok(0);
-    }
-    let done = DoneBuffer::new_checked(payload).map_err(nl_error)?;
-    Ok(done.code())
+    let (header, attrs) = split_genl(payload)?;
+    IpvsMessage::decode(header.cmd, attrs)
 }
 
 /// The family id in nlctrl's answer to `CTRL_CMD_GETFAMILY`. The answer's
 /// other attributes (operations, multicast groups) are not needed and are
 /// skipped, so a kernel adding new ones cannot break the lookup.
 pub(crate) fn read_family_id(payload: &[u8]) -> Result<u16, DecodeError> {
-    GenlHeader::parse(payload).map_err(nl_error)?;
+    let (_, attrs) = split_genl(payload)?;
     let mut id = None;
-    for_each_attr(&payload[GENL_HDRLEN..], |a| match a.kind {
+    for_each_attr(attrs, |a| match a.kind {
         CTRL_ATTR_FAMILY_ID => {
             const WHAT: &str = "CTRL_ATTR_FAMILY_ID";
             set_once(&mut id, a.get::<u16>(WHAT)?, WHAT)
@@ -175,23 +92,80 @@ pub(crate) fn read_family_id(payload: &[u8]) -> Result<u16, DecodeError> {
 // For tests that build kernel replies by hand.
 #[cfg(test)]
 pub(crate) fn put_raw(out: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, payload: &[u8]) {
-    let len = (NLMSG_HDRLEN + payload.len()) as u32;
-    len.encode(out);
-    kind.encode(out);
-    flags.encode(out);
-    seq.encode(out);
-    0u32.encode(out);
-    out.extend_from_slice(payload);
-    out.resize(out.len().next_multiple_of(NLMSG_ALIGNTO), 0);
+    put_message_with(out, kind, flags, seq, |out| out.extend_from_slice(payload));
 }
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::{
+        Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, ParseableParametrized,
+    };
+    use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
+    use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
+    use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
+
     use super::*;
     use crate::netlink::codec::{put_attr, put_nested};
     use crate::netlink::message::{
         Command, DestAttrs, InetAddr, ServiceAttrs, SvcFlags, TimeoutAttrs,
     };
+
+    // The netlink-packet crates, an implementation of the same headers
+    // written apart from kproxy's, check its framing: with these,
+    // `GenlMessage<IpvsMessage>` inside a `NetlinkMessage` builds and reads
+    // whole IPVS messages.
+
+    impl GenlFamily for IpvsMessage {
+        fn family_name() -> &'static str {
+            IPVS_GENL_NAME
+        }
+
+        fn command(&self) -> u8 {
+            self.cmd.code()
+        }
+
+        fn version(&self) -> u8 {
+            IPVS_GENL_VERSION
+        }
+    }
+
+    impl Emitable for IpvsMessage {
+        fn buffer_len(&self) -> usize {
+            let mut attrs = Vec::new();
+            self.encode_attrs(&mut attrs);
+            attrs.len()
+        }
+
+        fn emit(&self, buffer: &mut [u8]) {
+            let mut attrs = Vec::new();
+            self.encode_attrs(&mut attrs);
+            buffer[..attrs.len()].copy_from_slice(&attrs);
+        }
+    }
+
+    impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
+        fn parse_with_param(
+            buf: &[u8],
+            header: GenlHeader,
+        ) -> Result<Self, netlink_packet_core::DecodeError> {
+            IpvsMessage::decode(header.cmd, buf).map_err(|e| e.to_string().into())
+        }
+    }
+
+    /// A message as the netlink-packet crates build it.
+    fn built_by_the_netlink_crates<F>(flags: u16, seq: u32, genl: GenlMessage<F>) -> Vec<u8>
+    where
+        F: GenlFamily + Emitable + std::fmt::Debug,
+    {
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(genl));
+        msg.finalize();
+        let mut out = vec![0; msg.buffer_len()];
+        msg.serialize(&mut out);
+        out
+    }
 
     /// ../shared/reference/README.md: NEW_SERVICE, UDP 10.96.0.10:53, rr,
     /// flags 0 mask 0xffffffff, timeout 0, netmask 0xffffffff; family 0x20,
@@ -331,6 +305,49 @@ mod tests {
     }
 
     #[test]
+    fn requests_match_what_the_netlink_crates_build() {
+        let requests = [
+            IpvsMessage::new(Command::NewService).with_service(reference_service()),
+            IpvsMessage::new(Command::DelDest)
+                .with_service(reference_service())
+                .with_dest(DestAttrs {
+                    addr: Some(InetAddr::from(
+                        "fd00::1".parse::<std::net::IpAddr>().unwrap(),
+                    )),
+                    port: Some(8080),
+                    addr_family: Some(AF_INET6),
+                    ..Default::default()
+                }),
+            IpvsMessage::new(Command::GetConfig),
+            IpvsMessage::new(Command::Flush),
+        ];
+        for (seq, msg) in requests.into_iter().enumerate() {
+            let seq = seq as u32;
+            let mut ours = Vec::new();
+            put_request(&mut ours, 0x21, NLM_F_REQUEST | NLM_F_DUMP, seq, &msg);
+            let genl = GenlMessage::new(
+                GenlHeader {
+                    cmd: msg.cmd.code(),
+                    version: IPVS_GENL_VERSION,
+                },
+                msg.clone(),
+                0x21,
+            );
+            let theirs = built_by_the_netlink_crates(NLM_F_REQUEST | NLM_F_DUMP, seq, genl);
+            assert_eq!(ours, theirs, "{msg}");
+        }
+
+        let mut ours = Vec::new();
+        put_family_request(&mut ours, 5, IPVS_GENL_NAME);
+        let lookup = GenlMessage::from_payload(GenlCtrl {
+            cmd: GenlCtrlCmd::GetFamily,
+            nlas: vec![GenlCtrlAttrs::FamilyName(IPVS_GENL_NAME.to_string())],
+        });
+        let theirs = built_by_the_netlink_crates(NLM_F_REQUEST | NLM_F_ACK, 5, lookup);
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
     fn family_request_asks_nlctrl_by_name() {
         let mut out = Vec::new();
         put_family_request(&mut out, 1, "IPVS");
@@ -361,117 +378,5 @@ mod tests {
             read_family_id(&[1, 2, 0, 0]),
             Err(DecodeError::Missing("CTRL_ATTR_FAMILY_ID"))
         );
-    }
-
-    #[test]
-    fn datagrams_split_into_messages() {
-        let mut buf = Vec::new();
-        put_raw(&mut buf, 0x20, NLM_F_MULTI, 5, &[1, 1, 0, 0]);
-        put_raw(&mut buf, NLMSG_DONE, NLM_F_MULTI, 5, &0i32.to_ne_bytes());
-        let frames: Vec<_> = frames(&buf).collect::<Result<_, _>>().unwrap();
-        assert_eq!(frames.len(), 2);
-        assert_eq!((frames[0].kind, frames[0].seq), (0x20, 5));
-        assert_eq!(frames[0].payload, [1, 1, 0, 0]);
-        assert_eq!(frames[1].kind, NLMSG_DONE);
-        assert_eq!(read_done(frames[1].payload), Ok(0));
-    }
-
-    #[test]
-    fn truncated_and_overlong_messages_are_rejected() {
-        let mut buf = Vec::new();
-        put_raw(&mut buf, 0x20, 0, 1, &[1, 1, 0, 0]);
-        // Bytes at the end too few for a header.
-        let mut trailing = buf.clone();
-        trailing.extend_from_slice(&[0; 8]);
-        let results: Vec<_> = frames(&trailing).collect();
-        assert_eq!(results.len(), 2);
-        assert!(results[0].is_ok());
-        assert!(matches!(results[1], Err(DecodeError::Netlink(_))));
-        // A length past the end of the datagram.
-        let mut long = buf.clone();
-        long[0] = 64;
-        assert!(matches!(
-            frames(&long).next(),
-            Some(Err(DecodeError::Netlink(_)))
-        ));
-        // A length shorter than the header.
-        let mut short = buf;
-        short[0] = 8;
-        assert!(matches!(
-            frames(&short).next(),
-            Some(Err(DecodeError::Netlink(_)))
-        ));
-    }
-
-    fn ack_payload(code: i32, request: &[u8], tlvs: &[u8]) -> Vec<u8> {
-        let mut out = code.to_ne_bytes().to_vec();
-        out.extend_from_slice(request);
-        out.extend_from_slice(tlvs);
-        out
-    }
-
-    fn request() -> Vec<u8> {
-        let mut out = Vec::new();
-        let msg = IpvsMessage::new(Command::NewService).with_service(reference_service());
-        put_request(&mut out, 0x20, NLM_F_REQUEST | NLM_F_ACK, 3, &msg);
-        out
-    }
-
-    #[test]
-    fn acks_carry_the_errno() {
-        let req = request();
-        let ok = ack_payload(0, &req[..NLMSG_HDRLEN], &[]);
-        assert_eq!(
-            read_ack(0, &ok),
-            Ok(Ack {
-                errno: 0,
-                message: None
-            })
-        );
-        let capped = ack_payload(-libc::EEXIST, &req[..NLMSG_HDRLEN], &[]);
-        assert_eq!(read_ack(NLM_F_CAPPED, &capped).unwrap().errno, libc::EEXIST);
-        // Uncapped: the whole request is echoed before the extended ack.
-        let mut tlvs = Vec::new();
-        put_attr(
-            &mut tlvs,
-            NLMSGERR_ATTR_MSG,
-            &NulString("Attribute failed policy validation".into()),
-        );
-        put_attr(&mut tlvs, NLMSGERR_ATTR_OFFS, &20u32);
-        let full = ack_payload(-libc::EINVAL, &req, &tlvs);
-        assert_eq!(
-            read_ack(NLM_F_ACK_TLVS, &full),
-            Ok(Ack {
-                errno: libc::EINVAL,
-                message: Some("Attribute failed policy validation".into())
-            })
-        );
-        let capped_tlvs = ack_payload(-libc::EINVAL, &req[..NLMSG_HDRLEN], &tlvs);
-        assert_eq!(
-            read_ack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &capped_tlvs)
-                .unwrap()
-                .message
-                .as_deref(),
-            Some("Attribute failed policy validation")
-        );
-    }
-
-    #[test]
-    fn malformed_acks_are_rejected() {
-        assert!(read_ack(0, &[0, 0]).is_err());
-        // No echoed request header.
-        assert!(read_ack(0, &0i32.to_ne_bytes()).is_err());
-        // Extended-ack attributes that run past the end.
-        let req = request();
-        let mut bad = ack_payload(-libc::EINVAL, &req[..NLMSG_HDRLEN], &[]);
-        bad.extend_from_slice(&[40, 0, 1, 0, b'x']);
-        assert!(read_ack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &bad).is_err());
-    }
-
-    #[test]
-    fn dump_end_codes_are_read() {
-        assert_eq!(read_done(&(-libc::EINVAL).to_ne_bytes()), Ok(-libc::EINVAL));
-        assert_eq!(read_done(&[]), Ok(0));
-        assert!(read_done(&[0, 0]).is_err());
     }
 }

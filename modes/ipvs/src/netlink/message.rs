@@ -9,10 +9,6 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netlink_packet_core::Emitable;
-use netlink_packet_core::ParseableParametrized;
-use netlink_packet_generic::{GenlFamily, GenlHeader};
-
 use crate::netlink::codec::{
     Be16, Codec, DecodeError, NulString, Reader, for_each_attr, put_attr, put_nested, set_once,
 };
@@ -428,49 +424,6 @@ impl IpvsMessage {
         // again for theirs (a few attributes, a second pass costs nothing).
         msg.timeouts = TimeoutAttrs::decode(attrs, "IPVS command attributes")?;
         Ok(msg)
-    }
-
-    fn attrs_encoded(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.encode_attrs(&mut out);
-        out
-    }
-}
-
-// The generic netlink glue: with these, `GenlMessage<IpvsMessage>` inside a
-// `NetlinkMessage` builds and reads whole IPVS messages.
-
-impl GenlFamily for IpvsMessage {
-    fn family_name() -> &'static str {
-        IPVS_GENL_NAME
-    }
-
-    fn command(&self) -> u8 {
-        self.cmd.code()
-    }
-
-    fn version(&self) -> u8 {
-        IPVS_GENL_VERSION
-    }
-}
-
-impl Emitable for IpvsMessage {
-    fn buffer_len(&self) -> usize {
-        self.attrs_encoded().len()
-    }
-
-    fn emit(&self, buffer: &mut [u8]) {
-        let attrs = self.attrs_encoded();
-        buffer[..attrs.len()].copy_from_slice(&attrs);
-    }
-}
-
-impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
-    fn parse_with_param(
-        buf: &[u8],
-        header: GenlHeader,
-    ) -> Result<Self, netlink_packet_core::DecodeError> {
-        IpvsMessage::decode(header.cmd, buf).map_err(|e| e.to_string().into())
     }
 }
 

@@ -1,10 +1,9 @@
 //! A client of the kernel's IPVS over generic netlink, as ipvsadm talks to it.
 //!
-//! No maintained IPVS crate exists, so this one is written on netlink-sys (the
-//! socket) and netlink-packet-core / netlink-packet-generic (the netlink and
-//! generic netlink headers, the nlctrl request). The IPVS attributes
-//! (`linux/ip_vs.h`) are encoded and strictly decoded here, with one
-//! [`Codec`] trait.
+//! No maintained IPVS crate exists, so this one is written on kproxy-netlink,
+//! which the conntrack cleaner shares: its [`Codec`] trait, netlink framing
+//! and socket. The generic netlink header, the nlctrl lookup and the IPVS
+//! attributes (`linux/ip_vs.h`) are encoded and strictly decoded here.
 //!
 //! [`IpvsClient`] looks up the IPVS family, lists virtual servers and their
 //! destinations, and applies lists of [`Op`]s many per datagram, with every
@@ -13,13 +12,18 @@
 
 mod answers;
 mod client;
-pub mod codec;
 mod convert;
 mod error;
 mod frame;
 pub mod message;
 mod op;
 pub mod sys;
+
+/// The wire codec and netlink attributes, kproxy-netlink's.
+pub mod codec {
+    pub use kproxy_netlink::attr::*;
+    pub use kproxy_netlink::codec::*;
+}
 
 pub use crate::error::Error;
 pub use client::IpvsClient;
