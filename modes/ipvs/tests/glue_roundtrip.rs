@@ -9,11 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use kproxy_iptables::exec::Iptables;
+use kproxy_ipvs::cleanup::{Cleanup, Part};
 use kproxy_ipvs::glue::ipset::parse_save;
-use kproxy_ipvs::glue::sync::{GlueSyncer, Ipset, cleanup_sets};
+use kproxy_ipvs::glue::sync::{GlueSyncer, Ipset};
 use kproxy_ipvs::glue::{CLUSTER_IP, Glue};
 use kproxy_ipvs::plan::{IpvsSettings, SchedulerOverrides, desired};
 use kproxy_model::{
@@ -49,6 +51,23 @@ impl Netns {
             String::from_utf8_lossy(&out.stdout).into_owned()
                 + &String::from_utf8_lossy(&out.stderr),
         )
+    }
+
+    /// Runs `f` on a thread of its own inside the namespace: the netlink
+    /// sockets it opens and the programs it runs are then the namespace's.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("open the netns");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns(2) on a descriptor that `file` keeps open; it
+                // moves only this thread, which ends with `f`.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .expect("the thread in the namespace panicked")
+        })
     }
 
     /// Whether ipsets work here (the `ipset` program and the kernel's ip_set).
@@ -356,11 +375,19 @@ fn round_trip(family: IpFamily, tag: &str) {
     assert!(!adopt.iptables_mode_removed);
     check_kernel_holds(&ns, &g);
 
-    // Cleanup: the iptables rules first, then every set goes.
+    // Cleanup: the iptables rules first, then `--cleanup`'s IPVS part, as it
+    // runs on a node: every set of IPVS mode goes.
     kproxy_iptables::cleanup::cleanup(&Iptables::in_netns(family, &ns.0)).unwrap();
     let (ok, out) = ns.run("ipset", &["create", "KEEP-ME", "hash:ip"]);
     assert!(ok, "{out}");
-    assert_eq!(cleanup_sets(&Ipset::in_netns(&ns.0)).unwrap(), g.sets.len());
+    let report = ns.enter(|| Cleanup::system().run());
+    assert!(report.is_ok(), "{report}: {:?}", report.errors);
+    assert_eq!(report.ipsets, Part::Removed(g.sets.len()), "{report}");
+    assert_eq!(
+        report.link,
+        Part::Removed(0),
+        "no kube-ipvs0 here: {report}"
+    );
     let (_, left) = ns.run("ipset", &["list", "-n"]);
     assert_eq!(left.trim(), "KEEP-ME", "only our sets go");
 }

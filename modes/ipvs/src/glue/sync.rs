@@ -129,30 +129,6 @@ impl Ipset {
     }
 }
 
-/// Destroys every ipset of IPVS mode, both families, that the node holds
-/// (for `--cleanup`); returns how many. Run it after the iptables cleanup:
-/// a set a rule still names cannot be destroyed.
-pub fn cleanup_sets(ipset: &Ipset) -> Result<usize, GlueError> {
-    let held = ipset::parse_save(&ipset.save()?)?;
-    let mut script = String::new();
-    let mut n = 0;
-    for family in IpFamily::all() {
-        for spec in super::ALL_SETS {
-            let name = spec.name(family);
-            if held.contains_key(&name) {
-                script.push_str("destroy ");
-                script.push_str(&name);
-                script.push('\n');
-                n += 1;
-            }
-        }
-    }
-    if n > 0 {
-        ipset.restore(&script)?;
-    }
-    Ok(n)
-}
-
 /// What one [`GlueSyncer::sync`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GlueReport {
