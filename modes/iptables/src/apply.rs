@@ -27,6 +27,8 @@
 //!   all: that is how a restarted kproxy adopts a node that already has its
 //!   rules instead of rewriting 400,000 lines.
 
+mod jumps;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -39,6 +41,7 @@ use crate::exec::Iptables;
 use crate::names::{self, is_service_chain};
 use crate::save::{self, KernelTable, SavedTable};
 use crate::{Chain, Jump, Ruleset, ServiceChains, Table};
+use jumps::{JumpEdits, plan_jumps};
 
 /// Service chain groups per nat transaction. At 100 upstream-shaped services
 /// (43 lines each) a restore took about 0.1 s; the cost of a restore grows
@@ -291,6 +294,9 @@ pub struct Plan {
     pub services_unchanged: usize,
     /// Jumps already in their built-in chains.
     pub jumps_present: usize,
+    /// Jumps to kproxy's chains deleted from the built-in chains because the
+    /// ruleset does not have them (or has them fewer times), as `CHAIN RULE`.
+    pub jumps_deleted: Vec<String>,
     /// Stale service chains kept because a chain kproxy does not write still
     /// jumps to them (deleting them would fail the whole transaction).
     pub stale_kept: Vec<String>,
@@ -304,6 +310,25 @@ impl Plan {
 
     pub fn lines(&self) -> usize {
         self.transactions.iter().map(Transaction::lines).sum()
+    }
+
+    /// Logs what an operator should hear of: chains kept, and rules deleted
+    /// from the built-in chains.
+    pub fn log(&self, family: IpFamily) {
+        if !self.stale_kept.is_empty() {
+            tracing::warn!(
+                %family,
+                chains = ?self.stale_kept,
+                "stale service chains kept: a chain kproxy does not manage still jumps to them"
+            );
+        }
+        if !self.jumps_deleted.is_empty() {
+            tracing::info!(
+                %family,
+                jumps = ?self.jumps_deleted,
+                "removing jumps to kproxy's chains that the ruleset does not have"
+            );
+        }
     }
 }
 
@@ -400,6 +425,20 @@ impl Builder {
             self.line(&["-I ", jump.builtin, " 1 ", &jump.rule]);
         }
         self.jumps_inserted += missing.len();
+    }
+
+    /// Brings the jumps of the built-in chains to the ruleset's: the unwanted
+    /// ones deleted, the repeated ones put back once where they stood, then
+    /// the missing ones inserted at the head.
+    fn edit_jumps(&mut self, edits: &JumpEdits) {
+        for (chain, rule) in &edits.delete {
+            self.delete_rule(chain, rule);
+        }
+        for (chain, position, rule) in &edits.restore {
+            self.line(&["-I ", chain, " ", &position.to_string(), " ", rule]);
+        }
+        self.jumps_inserted += edits.restore.len();
+        self.insert_jumps(&edits.missing);
     }
 
     /// Deletes one rule (as iptables-save printed it) from `chain`.
@@ -541,8 +580,7 @@ pub fn plan_each<E>(
     if options.canary && !current.holds_canary(Table::Filter) {
         filter.write_chain(&canary::chain());
     }
-    let missing = missing_jumps(current, desired, Table::Filter, &mut plan);
-    filter.insert_jumps(&missing);
+    edit_jumps(current, desired, Table::Filter, &mut filter, &mut plan);
     push(filter.finish())?;
 
     // nat: helpers first, service groups in batches, entry chains last.
@@ -585,8 +623,7 @@ pub fn plan_each<E>(
         nat.delete_chains(&stale);
     }
     plan.stale_kept = kept;
-    let missing = missing_jumps(current, desired, Table::Nat, &mut plan);
-    nat.insert_jumps(&missing);
+    edit_jumps(current, desired, Table::Nat, &mut nat, &mut plan);
     push(nat.finish())?;
     if batched {
         for tx in batched_deletion(Table::Nat, &stale) {
@@ -600,8 +637,7 @@ pub fn plan_each<E>(
             continue;
         }
         let mut other = Builder::new(table);
-        let missing = missing_jumps(current, desired, table, &mut plan);
-        other.insert_jumps(&missing);
+        edit_jumps(current, desired, table, &mut other, &mut plan);
         push(other.finish())?;
     }
     Ok(plan)
@@ -635,27 +671,18 @@ fn write_or_edit(
     }
 }
 
-/// The desired jumps of `table` that their built-in chain does not hold (as
-/// exactly that rule text, anywhere in the chain).
-fn missing_jumps<'r>(
+/// Plans the jumps of `table`'s built-in chains ([`jumps`]) into `builder`.
+fn edit_jumps(
     current: &Current,
-    desired: &'r Ruleset,
+    desired: &Ruleset,
     table: Table,
+    builder: &mut Builder,
     plan: &mut Plan,
-) -> Vec<&'r Jump> {
-    let mut missing = Vec::new();
-    for jump in desired.jumps.iter().filter(|j| j.table == table) {
-        let present = current
-            .table(table)
-            .and_then(|t| t.rules(jump.builtin))
-            .is_some_and(|rules| rules.contains(&jump.rule.as_str()));
-        if present {
-            plan.jumps_present += 1;
-        } else {
-            missing.push(jump);
-        }
-    }
-    missing
+) {
+    let mut edits = plan_jumps(table, current.table(table), desired);
+    builder.edit_jumps(&edits);
+    plan.jumps_present += edits.present;
+    plan.jumps_deleted.append(&mut edits.unwanted);
 }
 
 /// Service chains in the kernel's nat table that the ruleset no longer has:
@@ -838,13 +865,7 @@ pub fn apply(ipt: &Iptables, desired: &Ruleset) -> Result<ApplyReport, Error> {
     let save_time = save_start.elapsed();
 
     let plan = plan(&current, desired);
-    if !plan.stale_kept.is_empty() {
-        tracing::warn!(
-            family = %desired.family,
-            chains = ?plan.stale_kept,
-            "stale service chains kept: a chain kproxy does not manage still jumps to them"
-        );
-    }
+    plan.log(desired.family);
     let mut restore_time = Duration::ZERO;
     let n = plan.transactions.len();
     for (i, tx) in plan.transactions.iter().enumerate() {
@@ -1269,6 +1290,65 @@ mod tests {
              -I PREROUTING 1 -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
              COMMIT\n"
         );
+    }
+
+    #[test]
+    fn unwanted_jumps_to_our_chains_go_in_the_same_transactions() {
+        let desired = ruleset(1);
+        let forward = &desired.jumps[0].rule;
+        let external = "-m conntrack --ctstate NEW -m comment --comment \"kubernetes externally-visible service portals\" -j KUBE-EXTERNAL-SERVICES";
+        let filter = dump(
+            &desired,
+            Table::Filter,
+            &["KUBE-EXTERNAL-SERVICES", "FOREIGN"],
+            &[
+                &format!("-A INPUT {external}"),
+                "-A INPUT -j FOREIGN",
+                &format!("-A FORWARD {forward}"),
+            ],
+        );
+        let nat = dump(
+            &desired,
+            Table::Nat,
+            &[],
+            &[
+                "-A POSTROUTING -m comment --comment \"old\" -j KUBE-POSTROUTING",
+                "-A POSTROUTING -j MASQUERADE",
+            ],
+        );
+        let plan = plan(&current(&filter, &nat), &desired);
+        assert_eq!(plan.transactions.len(), 2, "{plan}");
+        // The repeated FORWARD jump goes whole and comes back where it stood.
+        assert_eq!(
+            plan.transactions[0].text,
+            format!(
+                "*filter\n-D INPUT {external}\n-D FORWARD {forward}\n-D FORWARD {forward}\n\
+                 -I FORWARD 1 {forward}\nCOMMIT\n"
+            )
+        );
+        assert_eq!(
+            plan.transactions[1].text,
+            "*nat\n-D POSTROUTING -m comment --comment \"old\" -j KUBE-POSTROUTING\nCOMMIT\n"
+        );
+        assert_eq!(
+            (
+                plan.transactions[0].rules_deleted,
+                plan.transactions[0].jumps_inserted
+            ),
+            (3, 1)
+        );
+        assert_eq!(
+            plan.jumps_deleted,
+            [
+                format!("INPUT {external}"),
+                format!("FORWARD {forward}"),
+                "POSTROUTING -m comment --comment \"old\" -j KUBE-POSTROUTING".to_string(),
+            ]
+        );
+        assert_eq!(plan.jumps_present, 4);
+        // The full sync's shared-chain edits plan the same.
+        let edit = plan_with(&current(&filter, &nat), &desired, EDIT);
+        assert_eq!(edit.transactions, plan.transactions);
     }
 
     #[test]

@@ -271,13 +271,7 @@ impl Syncer {
             };
             self.run_one(&tx, &mut report)?;
         }
-        if !plan.stale_kept.is_empty() {
-            tracing::warn!(
-                family = %desired.family,
-                chains = ?plan.stale_kept,
-                "stale service chains kept: a chain kproxy does not manage still jumps to them"
-            );
-        }
+        plan.log(desired.family);
         report.chains_unchanged = plan.chains_unchanged;
         report.chains_edited = plan.chains_edited;
         Ok((report, View::of(desired)))

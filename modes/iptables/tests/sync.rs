@@ -424,6 +424,103 @@ fn a_failed_restore_makes_the_next_sync_full_and_it_heals() {
     assert!(!next.full && next.transactions == 0, "{next}");
 }
 
+/// A full sync deletes the jumps from the built-in chains to kproxy's chains
+/// that the ruleset does not have (an older kproxy's, kube-proxy's, a second
+/// copy of a wanted one), and only those: other programs' rules stay, and the
+/// wanted jumps keep their places.
+#[test]
+fn a_full_sync_deletes_unwanted_jumps_and_nothing_else() {
+    let Some(ns) = Netns::new("sync", "jumps") else {
+        return;
+    };
+    let ipt = ns.iptables(IpFamily::V4);
+    let old = Cluster::new(IpFamily::V4, 5, 2).ruleset();
+    sync(&mut Syncer::new(ns.iptables(IpFamily::V4)), &old);
+
+    // The new ruleset has no INPUT jump to KUBE-EXTERNAL-SERVICES any more.
+    let mut desired = old.clone();
+    let gone = desired
+        .jumps
+        .iter()
+        .position(|j| j.builtin == "INPUT" && j.rule.ends_with("-j KUBE-EXTERNAL-SERVICES"))
+        .expect("the rendered INPUT jump to KUBE-EXTERNAL-SERVICES");
+    desired.jumps.remove(gone);
+    let rule = |builtin: &str, target: &str| {
+        desired
+            .jumps
+            .iter()
+            .find(|j| j.builtin == builtin && j.rule.ends_with(target))
+            .map(|j| j.rule.clone())
+            .unwrap()
+    };
+    // Second of the FORWARD jumps: its first copy stays second.
+    let forward = rule("FORWARD", "-j KUBE-FORWARD");
+    let postrouting = rule("POSTROUTING", "-j KUBE-POSTROUTING");
+    // Behind kproxy's back: others' rules, second copies of wanted jumps
+    // behind them, and an old kube-proxy's jump with another comment.
+    ns.restore(
+        IpFamily::V4,
+        &format!(
+            "*filter\n:KPT-FOREIGN - [0:0]\n\
+             -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n\
+             -A FORWARD -j KPT-FOREIGN\n\
+             -A FORWARD {forward}\n\
+             COMMIT\n\
+             *nat\n:KPT-FOREIGN - [0:0]\n\
+             -A POSTROUTING -j KPT-FOREIGN\n\
+             -A POSTROUTING {postrouting}\n\
+             -A PREROUTING -m comment --comment \"kube-proxy of old\" -j KUBE-SERVICES\n\
+             COMMIT\n"
+        ),
+    );
+
+    let mut syncer = Syncer::new(ns.iptables(IpFamily::V4));
+    let full = sync(&mut syncer, &desired);
+    assert!(full.full);
+    // The stale two, and both copies of each repeated jump, one of which
+    // comes back.
+    assert_eq!((full.rules_deleted, full.jumps_inserted), (6, 2), "{full}");
+    assert_kernel_holds(&ipt, &desired, Order::Exact);
+    let builtin = |table: Table, chain: &str| -> Vec<String> {
+        let text = saved(&ipt, table);
+        let kernel = parse_table(&text, table).unwrap();
+        kernel.rules(chain).iter().map(|r| r.to_string()).collect()
+    };
+    let wanted = |table: Table, chain: &str, others: &[&str]| -> Vec<String> {
+        desired
+            .jumps
+            .iter()
+            .filter(|j| j.table == table && j.builtin == chain)
+            .map(|j| j.rule.clone())
+            .chain(others.iter().map(|r| r.to_string()))
+            .collect()
+    };
+    for (table, chain, others) in [
+        (
+            Table::Filter,
+            "INPUT",
+            &["-p tcp -m tcp --dport 22 -j ACCEPT"][..],
+        ),
+        (Table::Filter, "FORWARD", &["-j KPT-FOREIGN"]),
+        (Table::Nat, "PREROUTING", &[]),
+        (Table::Nat, "POSTROUTING", &["-j KPT-FOREIGN"]),
+    ] {
+        assert_eq!(
+            builtin(table, chain),
+            wanted(table, chain, others),
+            "{} {chain}",
+            table.as_str()
+        );
+    }
+
+    // Nothing left to do, for a full sync or a partial one.
+    syncer.force_full();
+    let again = sync(&mut syncer, &desired);
+    assert!(again.full && again.transactions == 0, "{again}");
+    let next = sync(&mut syncer, &desired);
+    assert!(!next.full && next.transactions == 0, "{next}");
+}
+
 /// Splits a rule as a shell would: double quotes group words.
 fn shell_words(rule: &str) -> Vec<String> {
     let mut words = Vec::new();
