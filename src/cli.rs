@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 use ipnet::IpNet;
+use kproxy_conntrack::sysctl::Settings as ConntrackSettings;
 
 use crate::translate::{DetectLocal, NodeOptions, NodePortAddressesOption};
 
@@ -174,6 +175,49 @@ pub struct Args {
     /// kproxy's and are never removed.
     #[arg(long, value_name = "CIDRS", value_delimiter = ',', value_parser = parse_cidr)]
     pub ipvs_exclude_cidrs: Vec<IpNet>,
+
+    /// conntrack entries to allow per CPU: nf_conntrack_max is set to this
+    /// times the node's CPUs, at least --conntrack-min (0 leaves the limit
+    /// as it is and ignores --conntrack-min).
+    #[arg(long, value_name = "N", default_value_t = 32768)]
+    pub conntrack_max_per_core: u32,
+
+    /// The least nf_conntrack_max kproxy sets, whatever the CPU count.
+    #[arg(long, value_name = "N", default_value_t = 131072)]
+    pub conntrack_min: u32,
+
+    /// The conntrack idle timeout of established TCP connections (0 leaves
+    /// it as it is).
+    #[arg(long, value_name = "DURATION", default_value = "24h0m0s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_established: Duration,
+
+    /// The conntrack timeout of TCP connections in CLOSE_WAIT (0 leaves it
+    /// as it is).
+    #[arg(long, value_name = "DURATION", default_value = "1h0m0s", value_parser = parse_duration)]
+    pub conntrack_tcp_timeout_close_wait: Duration,
+
+    /// Set nf_conntrack_tcp_be_liberal to 1: out-of-window TCP packets are
+    /// not marked INVALID (false leaves it as it is).
+    #[arg(
+        long,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        default_value_t = false,
+        action = ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub conntrack_tcp_be_liberal: bool,
+
+    /// The conntrack idle timeout of UDP flows not answered yet (0 leaves it
+    /// as it is).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout: Duration,
+
+    /// The conntrack idle timeout of answered (ASSURED) UDP flows (0 leaves
+    /// it as it is).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub conntrack_udp_timeout_stream: Duration,
 }
 
 /// The flags that were given, on the command line or through their
@@ -408,6 +452,19 @@ impl Args {
             tcp_fin_timeout: self.ipvs_tcpfin_timeout,
             udp_timeout: self.ipvs_udp_timeout,
             exclude_cidrs: self.ipvs_exclude_cidrs.clone(),
+        }
+    }
+
+    /// The conntrack settings (`--conntrack-*`) kproxy applies at start.
+    pub fn conntrack_settings(&self) -> ConntrackSettings {
+        ConntrackSettings {
+            max_per_core: self.conntrack_max_per_core,
+            min: self.conntrack_min,
+            tcp_established_timeout: self.conntrack_tcp_timeout_established,
+            tcp_close_wait_timeout: self.conntrack_tcp_timeout_close_wait,
+            tcp_be_liberal: self.conntrack_tcp_be_liberal,
+            udp_timeout: self.conntrack_udp_timeout,
+            udp_stream_timeout: self.conntrack_udp_timeout_stream,
         }
     }
 
@@ -665,6 +722,54 @@ mod tests {
             a.sync_periods(),
             (Duration::from_secs(1), Duration::from_secs(45))
         );
+    }
+
+    #[test]
+    fn conntrack_flags_take_upstream_names_and_defaults() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            parse(&[]).unwrap().conntrack_settings(),
+            ConntrackSettings {
+                max_per_core: 32768,
+                min: 131072,
+                tcp_established_timeout: 24 * hour,
+                tcp_close_wait_timeout: hour,
+                tcp_be_liberal: false,
+                udp_timeout: Duration::ZERO,
+                udp_stream_timeout: Duration::ZERO,
+            }
+        );
+        let a = parse(&[
+            "--conntrack-max-per-core=0",
+            "--conntrack-min",
+            "1000",
+            "--conntrack-tcp-timeout-established=3h",
+            "--conntrack-tcp-timeout-close-wait",
+            "0",
+            "--conntrack-tcp-be-liberal",
+            "--conntrack-udp-timeout=45s",
+            "--conntrack-udp-timeout-stream=3m",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.conntrack_settings(),
+            ConntrackSettings {
+                max_per_core: 0,
+                min: 1000,
+                tcp_established_timeout: 3 * hour,
+                tcp_close_wait_timeout: Duration::ZERO,
+                tcp_be_liberal: true,
+                udp_timeout: Duration::from_secs(45),
+                udp_stream_timeout: Duration::from_secs(180),
+            }
+        );
+        assert!(
+            !parse(&["--conntrack-tcp-be-liberal=false"])
+                .unwrap()
+                .conntrack_tcp_be_liberal
+        );
+        assert!(parse(&["--conntrack-max-per-core=-1"]).is_err());
+        assert!(parse(&["--conntrack-udp-timeout=30"]).is_err());
     }
 
     #[test]

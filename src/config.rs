@@ -271,6 +271,41 @@ impl ConfigFile {
             &mut args.ipvs_exclude_cidrs,
             &f.ipvs_exclude_cidrs,
         );
+        assign(
+            set("conntrack_max_per_core"),
+            &mut args.conntrack_max_per_core,
+            &f.conntrack_max_per_core,
+        );
+        assign(
+            set("conntrack_min"),
+            &mut args.conntrack_min,
+            &f.conntrack_min,
+        );
+        assign(
+            set("conntrack_tcp_timeout_established"),
+            &mut args.conntrack_tcp_timeout_established,
+            &f.conntrack_tcp_established_timeout,
+        );
+        assign(
+            set("conntrack_tcp_timeout_close_wait"),
+            &mut args.conntrack_tcp_timeout_close_wait,
+            &f.conntrack_tcp_close_wait_timeout,
+        );
+        assign(
+            set("conntrack_tcp_be_liberal"),
+            &mut args.conntrack_tcp_be_liberal,
+            &f.conntrack_tcp_be_liberal,
+        );
+        assign(
+            set("conntrack_udp_timeout"),
+            &mut args.conntrack_udp_timeout,
+            &f.conntrack_udp_timeout,
+        );
+        assign(
+            set("conntrack_udp_timeout_stream"),
+            &mut args.conntrack_udp_timeout_stream,
+            &f.conntrack_udp_stream_timeout,
+        );
         Ok(())
     }
 }
@@ -292,6 +327,8 @@ mod tests {
     use std::time::Duration;
 
     use ipnet::IpNet;
+
+    use kproxy_conntrack::sysctl::Settings as ConntrackSettings;
 
     use super::*;
     use crate::cli::{self, DetectLocalMode, NodePortAddressesArg};
@@ -347,6 +384,20 @@ mod tests {
     fn kubeadms_default_file_maps_onto_the_defaults() {
         let (defaults, _) = cli(&[]);
         let args = merged(KUBEADM, &[]).unwrap();
+        // `conntrack:` with nulls is kube-proxy's defaults.
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            args.conntrack_settings(),
+            ConntrackSettings {
+                max_per_core: 32768,
+                min: 131072,
+                tcp_established_timeout: 24 * hour,
+                tcp_close_wait_timeout: hour,
+                tcp_be_liberal: false,
+                udp_timeout: Duration::ZERO,
+                udp_stream_timeout: Duration::ZERO,
+            }
+        );
         assert_eq!(
             args.kubeconfig,
             Some(PathBuf::from("/var/lib/kube-proxy/kubeconfig.conf"))
@@ -446,6 +497,64 @@ ipvs: {scheduler: sh, strictARP: true, excludeCIDRs: [10.1.0.0/16], tcpTimeout: 
         );
         // The IPVS section's periods are IPVS mode's only.
         assert_eq!(a.ipvs_sync_period, None);
+    }
+
+    #[test]
+    fn the_conntrack_section_maps_onto_the_conntrack_flags() {
+        let text = kubeadm_config_conf()
+            .replace("maxPerCore: null", "maxPerCore: 65536")
+            .replace("min: null", "min: 1000")
+            .replace("tcpBeLiberal: false", "tcpBeLiberal: true")
+            .replace("tcpCloseWaitTimeout: null", "tcpCloseWaitTimeout: 7m0s")
+            .replace(
+                "tcpEstablishedTimeout: null",
+                "tcpEstablishedTimeout: 3h0m0s",
+            )
+            .replace("udpStreamTimeout: 0s", "udpStreamTimeout: 3m0s")
+            .replace("udpTimeout: 0s", "udpTimeout: 45s");
+        let expected = ConntrackSettings {
+            max_per_core: 65536,
+            min: 1000,
+            tcp_established_timeout: Duration::from_secs(10800),
+            tcp_close_wait_timeout: Duration::from_secs(420),
+            tcp_be_liberal: true,
+            udp_timeout: Duration::from_secs(45),
+            udp_stream_timeout: Duration::from_secs(180),
+        };
+        let file = parse_str(&text).unwrap();
+        assert_eq!(file.ignored, vec![], "every conntrack field is used");
+        assert_eq!(merged(&text, &[]).unwrap().conntrack_settings(), expected);
+
+        // Flags win, field by field.
+        let a = merged(
+            &text,
+            &[
+                "--conntrack-max-per-core=0",
+                "--conntrack-tcp-timeout-established=0s",
+                "--conntrack-tcp-be-liberal=false",
+                "--conntrack-udp-timeout-stream=1m",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            a.conntrack_settings(),
+            ConntrackSettings {
+                max_per_core: 0,
+                tcp_established_timeout: Duration::ZERO,
+                tcp_be_liberal: false,
+                udp_stream_timeout: Duration::from_secs(60),
+                ..expected
+            }
+        );
+
+        // An explicit 0 in the file leaves the kernel's value, unlike null.
+        let zeros = kubeadm_config_conf()
+            .replace("maxPerCore: null", "maxPerCore: 0")
+            .replace("tcpEstablishedTimeout: null", "tcpEstablishedTimeout: 0s");
+        let s = merged(&zeros, &[]).unwrap().conntrack_settings();
+        assert_eq!(s.max_per_core, 0);
+        assert_eq!(s.tcp_established_timeout, Duration::ZERO);
+        assert_eq!(s.tcp_close_wait_timeout, Duration::from_secs(3600));
     }
 
     #[test]
@@ -566,21 +675,25 @@ ipvs: {scheduler: sh, strictARP: true, excludeCIDRs: [10.1.0.0/16], tcpTimeout: 
     #[test]
     fn unsupported_and_unknown_fields_warn_and_do_not_stop() {
         let text = kubeadm_config_conf()
-            .replace("maxPerCore: null", "maxPerCore: 65536")
             .replace("verbosity: 0", "verbosity: 2")
             .replace("oomScoreAdj: null", "oomScoreAdj: -999")
+            .replace(
+                "  tcpBeLiberal: false",
+                "  tcpBeLiberal: false\n  tcpMaxRetrans: 5",
+            )
             + "udpIdleTimeout: 250ms\n";
         let file = parse_str(&text).unwrap();
         let paths: Vec<_> = file.ignored.iter().map(|i| i.path.as_str()).collect();
         assert_eq!(
             paths,
             [
-                "conntrack.maxPerCore",
+                "conntrack.tcpMaxRetrans",
                 "logging.verbosity",
                 "oomScoreAdj",
                 "udpIdleTimeout"
             ]
         );
+        assert_eq!(file.ignored[0].why, Why::Unknown);
         assert_eq!(file.ignored[3].why, Why::Unknown);
         let (mut args, given) = cli(&[]);
         file.apply(&mut args, &given).unwrap();

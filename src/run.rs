@@ -75,6 +75,9 @@ pub fn run(args: Args) -> Result<()> {
         counts.objects
     );
 
+    if !args.dry_run {
+        set_conntrack_sysctls(&args);
+    }
     let families = families(&state);
     if let Some((overrides, node_object_addrs)) = ipvs_input {
         let settings = ipvs_mode::settings(&args.ipvs_options())?;
@@ -117,6 +120,7 @@ fn live(args: Args) -> Result<()> {
         healthz_bind_address: args.healthz_bind_address.0,
         metrics_bind_address: args.metrics_bind_address.0,
     };
+    set_conntrack_sysctls(&args);
     let dataplane = dataplane(&args)?;
     // Two workers: watchers and HTTP servers are light; the heavy work runs on
     // the controller's own sync thread.
@@ -263,4 +267,16 @@ fn cleanup() -> Result<()> {
         bail!("cleanup failed for {}", failed.join(" and "));
     }
     Ok(())
+}
+
+/// `--conntrack-*`, once at start as kube-proxy does. A setting the kernel
+/// refuses is a warning: the rules work without it.
+fn set_conntrack_sysctls(args: &Args) {
+    let applied = kproxy_conntrack::sysctl::Sysctls::system().apply(&args.conntrack_settings());
+    for change in &applied.changes {
+        info!("set {change}");
+    }
+    for err in &applied.errors {
+        warn!("conntrack settings: {err}");
+    }
 }

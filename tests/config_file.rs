@@ -107,16 +107,19 @@ fn kubeadms_defaults_change_nothing_and_say_nothing() {
 
 #[test]
 fn ignored_fields_are_named_once_and_do_not_stop_it() {
+    // conntrack settings are used (and a dry run does not apply them).
     let text = kubeadm_config_conf()
         .replace("maxPerCore: null", "maxPerCore: 65536")
+        .replace("oomScoreAdj: null", "oomScoreAdj: -999")
         .replace("enableDSR: false", "enableDSR: true")
         + "udpIdleTimeout: 250ms\n";
     let path = config_file("ignored.conf", &text);
     let out = kproxy(&["--dry-run", "--from-file", DEMO, "--config", path.path()]);
     stdout(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("conntrack"), "{stderr}");
     for field in [
-        "conntrack.maxPerCore: not supported by kproxy",
+        "oomScoreAdj: not supported by kproxy",
         "winkernel.enableDSR: not supported by kproxy",
         "udpIdleTimeout: not a KubeProxyConfiguration",
     ] {

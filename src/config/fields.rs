@@ -16,7 +16,7 @@ use crate::cli::parse_duration;
 /// A field of the file that has no effect on kproxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ignored {
-    /// Dotted path, e.g. `conntrack.maxPerCore`.
+    /// Dotted path, e.g. `logging.verbosity`.
     pub path: String,
     pub why: Why,
 }
@@ -63,7 +63,6 @@ enum Kind {
 
 use Kind::{Section, Unused, UnusedEntries, Used};
 
-const CONNTRACK: &str = "kproxy leaves the node's conntrack sysctls as they are";
 const WINDOWS: &str = "Windows only";
 
 const TOP: &[(&str, Kind)] = &[
@@ -89,7 +88,7 @@ const TOP: &[(&str, Kind)] = &[
     ("clusterCIDR", Used),
     ("nodePortAddresses", Used),
     ("oomScoreAdj", Unused("the kubelet sets kproxy's")),
-    ("conntrack", Unused(CONNTRACK)),
+    ("conntrack", Section(CONNTRACK)),
     ("configSyncPeriod", Unused("kproxy watches the API server")),
     ("portRange", Unused("")),
     ("windowsRunAsService", Unused(WINDOWS)),
@@ -121,6 +120,16 @@ const IPVS: &[(&str, Kind)] = &[
     ("tcpTimeout", Used),
     ("tcpFinTimeout", Used),
     ("udpTimeout", Used),
+];
+
+const CONNTRACK: &[(&str, Kind)] = &[
+    ("maxPerCore", Used),
+    ("min", Used),
+    ("tcpEstablishedTimeout", Used),
+    ("tcpCloseWaitTimeout", Used),
+    ("tcpBeLiberal", Used),
+    ("udpTimeout", Used),
+    ("udpStreamTimeout", Used),
 ];
 
 const DETECT_LOCAL: &[(&str, Kind)] = &[("bridgeInterface", Used), ("interfaceNamePrefix", Used)];
@@ -236,7 +245,6 @@ mod tests {
     #[test]
     fn zero_values_of_unsupported_fields_are_quiet() {
         let yaml = r#"
-conntrack: {maxPerCore: null, min: 0, tcpBeLiberal: false, udpTimeout: 0s}
 logging: {flushFrequency: 0, options: {json: {infoBufferSize: "0"}}, verbosity: 0}
 winkernel: {enableDSR: false, networkName: ""}
 nftables: {masqueradeBit: null, syncPeriod: 0s}
@@ -250,7 +258,6 @@ clientConnection: {qps: 0, burst: 0, contentType: "", kubeconfig: /k}
     #[test]
     fn set_unsupported_fields_are_named_by_path() {
         let yaml = r#"
-conntrack: {maxPerCore: 32768, min: null, tcpEstablishedTimeout: 24h0m0s}
 logging: {verbosity: 4}
 winkernel: {enableDSR: true}
 clientConnection: {qps: 5}
@@ -260,8 +267,6 @@ oomScoreAdj: -999
         assert_eq!(
             ignored(yaml),
             [
-                "conntrack.maxPerCore",
-                "conntrack.tcpEstablishedTimeout",
                 "logging.verbosity",
                 "winkernel.enableDSR",
                 "clientConnection.qps",
@@ -311,6 +316,7 @@ oomScoreAdj: -999
         let yaml = r#"
 mode: ipvs
 clusterCIDR: 10.244.0.0/16
+conntrack: {maxPerCore: 0, min: 1, tcpEstablishedTimeout: 3h, tcpCloseWaitTimeout: 1m, tcpBeLiberal: true, udpTimeout: 1s, udpStreamTimeout: 2s}
 ipvs: {scheduler: wrr, strictARP: true, excludeCIDRs: [10.0.0.0/8], tcpTimeout: 5s}
 iptables: {masqueradeAll: true, localhostNodePorts: false}
 detectLocal: {bridgeInterface: cni0}
@@ -320,12 +326,21 @@ detectLocal: {bridgeInterface: cni0}
 
     #[test]
     fn messages_say_what_kproxy_does_instead() {
-        let doc: Value = serde_yaml::from_str("conntrack: {maxPerCore: 1}").unwrap();
+        let doc: Value = serde_yaml::from_str("oomScoreAdj: -999").unwrap();
         let message = ignored_fields(&doc)[0].to_string();
         assert_eq!(
             message,
-            "conntrack.maxPerCore: not supported by kproxy; ignored \
-             (kproxy leaves the node's conntrack sysctls as they are)"
+            "oomScoreAdj: not supported by kproxy; ignored (the kubelet sets kproxy's)"
+        );
+    }
+
+    #[test]
+    fn conntrack_keys_of_other_versions_are_named() {
+        // kube-proxy dropped `conntrack.max`; a file that still has it
+        // hears about it.
+        assert_eq!(
+            ignored("conntrack: {max: 100000, maxPerCore: 1}"),
+            ["conntrack.max"]
         );
     }
 }

@@ -45,6 +45,16 @@ pub struct FileSettings {
     pub ipvs_tcpfin_timeout: Option<Duration>,
     pub ipvs_udp_timeout: Option<Duration>,
     pub ipvs_exclude_cidrs: Option<Vec<IpNet>>,
+    /// `conntrack`: `maxPerCore`, `min` and the TCP timeouts are pointers
+    /// in kube-proxy's API, so an explicit 0 ("leave the kernel's value") is
+    /// kept apart from null (kube-proxy's default).
+    pub conntrack_max_per_core: Option<u32>,
+    pub conntrack_min: Option<u32>,
+    pub conntrack_tcp_established_timeout: Option<Duration>,
+    pub conntrack_tcp_close_wait_timeout: Option<Duration>,
+    pub conntrack_tcp_be_liberal: Option<bool>,
+    pub conntrack_udp_timeout: Option<Duration>,
+    pub conntrack_udp_stream_timeout: Option<Duration>,
 }
 
 /// `mode`: one kproxy has, or one it has not (`nftables`, `kernelspace`),
@@ -140,6 +150,13 @@ pub fn read(doc: &Value) -> Result<(FileSettings, Vec<Ignored>), FieldError> {
             .filter(|list| !list.is_empty())
             .map(|list| cidrs(&doc, "ipvs.excludeCIDRs", list.iter().map(String::as_str)))
             .transpose()?,
+        conntrack_max_per_core: doc.count("conntrack.maxPerCore")?,
+        conntrack_min: doc.count("conntrack.min")?,
+        conntrack_tcp_established_timeout: doc.duration_or_zero("conntrack.tcpEstablishedTimeout")?,
+        conntrack_tcp_close_wait_timeout: doc.duration_or_zero("conntrack.tcpCloseWaitTimeout")?,
+        conntrack_tcp_be_liberal: doc.flag("conntrack.tcpBeLiberal")?,
+        conntrack_udp_timeout: doc.duration("conntrack.udpTimeout")?,
+        conntrack_udp_stream_timeout: doc.duration("conntrack.udpStreamTimeout")?,
     };
     Ok((settings, notes))
 }
@@ -266,6 +283,18 @@ impl Doc<'_> {
         }
     }
 
+    /// A non-negative int32, kept when zero.
+    fn count(&self, field: &'static str) -> Result<Option<u32>, FieldError> {
+        self.int(field)?
+            .map(|n| {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| i32::try_from(*n).is_ok())
+                    .ok_or_else(|| self.bad(field, format!("{n} is not in 0-{}", i32::MAX)))
+            })
+            .transpose()
+    }
+
     fn strings(&self, field: &'static str) -> Result<Option<Vec<String>>, FieldError> {
         match self.get(field)? {
             None => Ok(None),
@@ -287,6 +316,14 @@ impl Doc<'_> {
             .map(|s| parse_duration(s).map_err(|why| self.bad(field, why)))
             .transpose()
             .map(|d| d.filter(|d| !d.is_zero()))
+    }
+
+    /// A Go duration whose zero means something ("leave it alone"): `None`
+    /// only when empty or null.
+    fn duration_or_zero(&self, field: &'static str) -> Result<Option<Duration>, FieldError> {
+        self.non_empty(field)?
+            .map(|s| parse_duration(s).map_err(|why| self.bad(field, why)))
+            .transpose()
     }
 
     /// `host:port` or a bare IP (given `default_port`), `None` when empty.
@@ -331,6 +368,7 @@ detectLocal: {bridgeInterface: "", interfaceNamePrefix: ""}
 nodePortAddresses: null
 iptables: {masqueradeBit: null, localhostNodePorts: null, minSyncPeriod: 0s, syncPeriod: 0s}
 ipvs: {scheduler: "", excludeCIDRs: null, minSyncPeriod: 0s, syncPeriod: 0s, tcpTimeout: 0s, tcpFinTimeout: 0s, udpTimeout: 0s}
+conntrack: {maxPerCore: null, min: null, tcpBeLiberal: false, tcpCloseWaitTimeout: null, tcpEstablishedTimeout: null, udpStreamTimeout: 0s, udpTimeout: 0s}
 "#;
         assert_eq!(settings(yaml), FileSettings::default());
     }
@@ -399,6 +437,39 @@ ipvs: {scheduler: wrr, strictARP: true, excludeCIDRs: [10.9.0.0/16], minSyncPeri
     }
 
     #[test]
+    fn conntrack_fields_are_read_and_explicit_zeros_kept() {
+        let s = settings(
+            "conntrack: {maxPerCore: 65536, min: 1000, tcpEstablishedTimeout: 3h, \
+             tcpCloseWaitTimeout: 7m0s, tcpBeLiberal: true, udpTimeout: 45s, udpStreamTimeout: 3m}",
+        );
+        assert_eq!(s.conntrack_max_per_core, Some(65536));
+        assert_eq!(s.conntrack_min, Some(1000));
+        assert_eq!(
+            s.conntrack_tcp_established_timeout,
+            Some(Duration::from_secs(10800))
+        );
+        assert_eq!(
+            s.conntrack_tcp_close_wait_timeout,
+            Some(Duration::from_secs(420))
+        );
+        assert_eq!(s.conntrack_tcp_be_liberal, Some(true));
+        assert_eq!(s.conntrack_udp_timeout, Some(Duration::from_secs(45)));
+        assert_eq!(
+            s.conntrack_udp_stream_timeout,
+            Some(Duration::from_secs(180))
+        );
+
+        // 0 leaves the kernel's value, where null takes kube-proxy's default.
+        let s = settings(
+            "conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: \"0\"}",
+        );
+        assert_eq!(s.conntrack_max_per_core, Some(0));
+        assert_eq!(s.conntrack_min, Some(0));
+        assert_eq!(s.conntrack_tcp_established_timeout, Some(Duration::ZERO));
+        assert_eq!(s.conntrack_tcp_close_wait_timeout, Some(Duration::ZERO));
+    }
+
+    #[test]
     fn node_port_address_keywords() {
         let npa = |list: &str| settings(&format!("nodePortAddresses: {list}")).nodeport_addresses;
         assert_eq!(npa("[primary]"), Some(NodePortAddressesArg::Primary));
@@ -459,6 +530,15 @@ ipvs: {scheduler: wrr, strictARP: true, excludeCIDRs: [10.9.0.0/16], minSyncPeri
             ("ipvs: {excludeCIDRs: 10.0.0.0/8}", "ipvs.excludeCIDRs"),
             ("ipvs: {excludeCIDRs: [bad]}", "ipvs.excludeCIDRs"),
             ("mode: [iptables]", "mode"),
+            ("conntrack: {maxPerCore: -1}", "conntrack.maxPerCore"),
+            ("conntrack: {min: 4294967296}", "conntrack.min"),
+            ("conntrack: {min: 1.5}", "conntrack.min"),
+            (
+                "conntrack: {tcpEstablishedTimeout: 24}",
+                "conntrack.tcpEstablishedTimeout",
+            ),
+            ("conntrack: {tcpBeLiberal: 1}", "conntrack.tcpBeLiberal"),
+            ("conntrack: {udpTimeout: -1s}", "conntrack.udpTimeout"),
         ] {
             let err = error(yaml);
             assert_eq!(err.field, field, "{yaml}: {}", err.message);

@@ -40,6 +40,7 @@ mod filter;
 mod flow;
 mod message;
 mod sys;
+pub mod sysctl;
 
 pub use conntrack::Conntrack;
 pub use error::Error;
