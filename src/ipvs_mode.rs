@@ -3,6 +3,7 @@
 //! virtual servers) and exit; and what the live controller's IPVS mode
 //! shares with them.
 
+use std::collections::BTreeSet;
 use std::io::{self, BufWriter, Write};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -44,22 +45,36 @@ pub fn settings(opts: &IpvsOptions) -> Result<IpvsSettings> {
 /// The schedulers services ask for through their annotation. An unknown
 /// name gets one warning, and the service keeps `--ipvs-scheduler`.
 pub fn overrides(inventory: &Inventory) -> SchedulerOverrides {
+    let (out, refused) = read_overrides(inventory);
+    for why in refused {
+        warn!("{why}");
+    }
+    out
+}
+
+/// The schedulers services ask for, and why each annotation that cannot be
+/// used is ignored: the live controller reports each of those once, not at
+/// every sync.
+pub fn read_overrides(inventory: &Inventory) -> (SchedulerOverrides, BTreeSet<String>) {
     let mut out = SchedulerOverrides::new();
+    let mut refused = BTreeSet::new();
     for svc in &inventory.services {
         let Some(value) = &svc.ipvs_scheduler else {
             continue;
         };
         match SchedulerOverrides::parse_annotation(value) {
             Ok(s) => out.insert(svc.namespace.clone(), svc.name.clone(), s),
-            Err(e) => warn!(
-                "Service {}/{}: annotation {}: {e}; --ipvs-scheduler is used",
-                svc.namespace,
-                svc.name,
-                plan::SCHEDULER_ANNOTATION
-            ),
+            Err(e) => {
+                refused.insert(format!(
+                    "Service {}/{}: annotation {}: {e}; --ipvs-scheduler is used",
+                    svc.namespace,
+                    svc.name,
+                    plan::SCHEDULER_ANNOTATION
+                ));
+            }
         }
     }
-    out
+    (out, refused)
 }
 
 /// A dry run describes the node in the files: its Node object's addresses.
@@ -218,6 +233,14 @@ mod tests {
         }
         let o = overrides(&inv);
         assert_eq!(o.len(), 1);
+        let (again, refused) = read_overrides(&inv);
+        assert_eq!(again, o);
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        let why = refused.first().unwrap();
+        assert!(
+            why.starts_with("Service ns/b: annotation kproxy.io/ipvs-scheduler:"),
+            "{why}"
+        );
         let port = kproxy_model::ServicePortName::new("ns", "a", "");
         assert_eq!(o.get(&port), Some(Scheduler::Sh));
         assert_eq!(

@@ -8,6 +8,7 @@
 //! connections have ended, and it compares the kernel's virtual servers with
 //! kproxy's view, so that a flushed table is repaired within seconds.
 
+use std::collections::BTreeSet;
 use std::time::Instant;
 
 use kproxy_ipvs::plan::SchedulerOverrides;
@@ -24,6 +25,8 @@ pub struct IpvsRules {
     syncer: IpvsSyncer,
     /// Schedulers services ask for by annotation, as of the last snapshot.
     overrides: SchedulerOverrides,
+    /// Annotations that cannot be used, already reported.
+    refused: BTreeSet<String>,
     v6: bool,
 }
 
@@ -32,6 +35,7 @@ impl IpvsRules {
         IpvsRules {
             syncer,
             overrides: SchedulerOverrides::new(),
+            refused: BTreeSet::new(),
             v6: false,
         }
     }
@@ -39,7 +43,12 @@ impl IpvsRules {
     /// Reads what IPVS mode takes from the API objects beside the desired
     /// state: the scheduler annotations.
     pub fn prepare(&mut self, inventory: &Inventory) {
-        self.overrides = ipvs_mode::overrides(inventory);
+        let (overrides, refused) = ipvs_mode::read_overrides(inventory);
+        for why in refused.difference(&self.refused) {
+            warn!("{why}");
+        }
+        self.overrides = overrides;
+        self.refused = refused;
     }
 
     pub fn force_full(&mut self) {
