@@ -1,4 +1,10 @@
-//! Synthetic clusters for kproxy's benchmarks.
+//! Synthetic clusters for kproxy's benchmarks, and what the bench binaries
+//! share: their network namespaces and the iptables floor.
+
+mod floor;
+pub mod netns;
+
+pub use floor::floor_service;
 
 use std::io::{self, Write};
 use std::net::Ipv4Addr;

@@ -25,18 +25,18 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use kproxy_benchmarks::ClusterShape;
+use anyhow::{Context, Result, bail, ensure};
+use kproxy_benchmarks::netns::Netns;
+use kproxy_benchmarks::{ClusterShape, floor_service};
 use kproxy_fake_apiserver::{FakeApiServer, ServerOptions};
 use kproxy_iptables::Table;
 use kproxy_iptables::exec::{Backend, Iptables};
-use kproxy_iptables::names::{KUBE_SERVICES, endpoint_chain_for_addr};
+use kproxy_iptables::names::endpoint_chain_for_addr;
 use kproxy_model::{IpFamily, Protocol, ServicePortName};
 use serde_json::{Value, json};
 
@@ -52,72 +52,20 @@ const STOP_BOUND: Duration = Duration::from_secs(30);
 /// How long after a sync the memory is read.
 const SETTLE: Duration = Duration::from_secs(1);
 
-/// A network namespace deleted when dropped, errors included.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Result<Netns> {
-        let name = format!("kpt-daemon-bench-{}", std::process::id());
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .context("ip netns add")?;
-        ensure!(
-            status.success(),
-            "ip netns add {name}: {status} (root needed)"
-        );
-        let ns = Netns(name);
-        let status = Command::new("ip")
-            .args(["-n", &ns.0, "link", "set", "lo", "up"])
-            .status()
-            .context("ip link set lo up")?;
-        ensure!(status.success(), "ip -n {} link set lo up: {status}", ns.0);
-        Ok(ns)
-    }
-
-    /// Runs `f` on a thread that has entered the namespace: sockets it makes
-    /// stay there.
-    fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> io::Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.0);
-        let thread = thread::spawn(move || -> io::Result<T> {
-            let file = File::open(&path)?;
-            // SAFETY: setns(2) on a descriptor this thread owns; it moves only
-            // this thread, which ends with `f`.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            f()
-        });
-        let result = thread
-            .join()
-            .map_err(|_| anyhow!("a thread in {} panicked", self.0))?;
-        Ok(result?)
-    }
-
-    fn iptables(&self) -> Iptables {
-        Iptables::in_netns(IpFamily::V4, &self.0).with_backend(Backend::Nft)
-    }
-
-    /// Whether `iptables -t nat -S chain` finds the chain.
-    fn has_nat_chain(&self, chain: &str) -> Result<bool> {
-        let status = Command::new("ip")
-            .args(["netns", "exec", &self.0, "iptables-nft", "-w", "-t", "nat"])
-            .args(["-S", chain])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("iptables -S")?;
-        Ok(status.success())
-    }
+fn iptables(ns: &Netns) -> Iptables {
+    Iptables::in_netns(IpFamily::V4, ns.name()).with_backend(Backend::Nft)
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// Whether `iptables -t nat -S chain` finds the chain.
+fn has_nat_chain(ns: &Netns, chain: &str) -> Result<bool> {
+    let status = ns
+        .command("iptables-nft")
+        .args(["-w", "-t", "nat", "-S", chain])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("iptables -S")?;
+    Ok(status.success())
 }
 
 struct Args {
@@ -301,9 +249,8 @@ impl Daemon {
             .context("open the kproxy log")?;
         let started = SystemTime::now();
         // `ip netns exec` execs kproxy in place: the child's pid is kproxy's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(kproxy)
+        let child = ns
+            .command(kproxy)
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--hostname-override", NODE, "--cluster-cidr", CLUSTER_CIDR])
@@ -579,34 +526,10 @@ fn wait_for_sync(
     }
 }
 
-/// One whole service (2 chains, 3 rules) shaped like a rendered one, added
-/// with `-I KUBE-SERVICES 1`, and the input that takes it out again.
-fn floor_service(round: usize) -> (String, String) {
-    let ip = Ipv4Addr::new(10, 111, (round / 250) as u8, (round % 250 + 1) as u8);
-    let ep = Ipv4Addr::new(10, 250, (round / 250) as u8, (round % 250 + 1) as u8);
-    let svc = format!("KUBE-SVC-FLOOR{round:011}");
-    let sep = format!("KUBE-SEP-FLOOR{round:011}");
-    let comment = format!("bench/floor{round}:http");
-    let entry = format!(
-        "-d {ip}/32 -p tcp -m comment --comment \"{comment} cluster IP\" -m tcp --dport 80 -j {svc}"
-    );
-    let add = format!(
-        "*nat\n:{svc} - [0:0]\n:{sep} - [0:0]\n\
-         -A {svc} -m comment --comment \"{comment} -> {ep}:8080\" -j {sep}\n\
-         -A {sep} -s {ep}/32 -m comment --comment {comment} -j KUBE-MARK-MASQ\n\
-         -A {sep} -p tcp -m comment --comment {comment} -m tcp -j DNAT --to-destination {ep}:8080\n\
-         -I {KUBE_SERVICES} 1 {entry}\nCOMMIT\n"
-    );
-    let remove = format!(
-        "*nat\n-D {KUBE_SERVICES} {entry}\n-F {svc}\n-F {sep}\n-X {svc}\n-X {sep}\nCOMMIT\n"
-    );
-    (add, remove)
-}
-
 /// `iptables-save -t nat`, timed: (seconds, lines, `-A` rules).
 fn timed_save(ns: &Netns) -> Result<(Duration, usize, usize)> {
     let start = Instant::now();
-    let text = ns.iptables().save(Table::Nat)?;
+    let text = iptables(ns).save(Table::Nat)?;
     let took = start.elapsed();
     let rules = text.lines().filter(|l| l.starts_with("-A ")).count();
     Ok((took, text.lines().count(), rules))
@@ -662,7 +585,7 @@ fn endpoint_change(
     let new_ip = Ipv4Addr::new(10, 251, (round / 250) as u8, (round % 250 + 1) as u8);
     let (old_chain, new_chain) = (sep_chain(i, shape.endpoint_ip(i, 0)), sep_chain(i, new_ip));
     ensure!(
-        ns.has_nat_chain(&old_chain)?,
+        has_nat_chain(ns, &old_chain)?,
         "{old_chain} is not in the kernel before the change"
     );
     let before = scrape(ns)?;
@@ -672,7 +595,7 @@ fn endpoint_change(
     let trigger = jiff::Timestamp::try_from(applied)?.to_string();
     api.apply(&slice_object(shape, i, Some(new_ip), Some(trigger)))?;
     let after = wait_for_sync(ns, daemon, before.last_sync, CHANGE_BOUND, || {
-        Ok(ns.has_nat_chain(&new_chain)? && !ns.has_nat_chain(&old_chain)?)
+        Ok(has_nat_chain(ns, &new_chain)? && !has_nat_chain(ns, &old_chain)?)
     })?;
     let line = daemon.wait_for_log(log_from, &["rules synced", "full=false"], CHANGE_BOUND)?;
     // The network programming latency is observed just after the timestamp
@@ -809,7 +732,9 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
         args.kproxy.display(),
         load()
     );
-    let ns = Netns::new()?;
+    let ns = Netns::add(format!("kpt-daemon-bench-{}", std::process::id()))?;
+    // The API server and kproxy's /metrics listen on the namespace's 127.0.0.1.
+    ns.set_lo_up()?;
     let api = Api::start(&ns)?;
     let start = Instant::now();
     api.apply(&node_object())?;
@@ -820,7 +745,7 @@ fn run(args: &Args, dir: &Path) -> Result<()> {
     println!(
         "fake API server on {} in {}: {} objects loaded in {:.1} s",
         api.server.addr(),
-        ns.0,
+        ns.name(),
         2 * shape.services + 1,
         start.elapsed().as_secs_f64()
     );
@@ -932,7 +857,7 @@ fn endpoint_changes(
     shape: &ClusterShape,
     rounds: usize,
 ) -> Result<(Vec<f64>, Vec<Change>)> {
-    let ipt = ns.iptables();
+    let ipt = iptables(ns);
     let (mut floors, mut changes) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let (add, remove) = floor_service(round);

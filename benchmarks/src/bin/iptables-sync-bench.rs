@@ -21,41 +21,17 @@
 //!    sync and during the adoption.
 
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use kproxy_benchmarks::{ClusterShape, desired_state};
+use kproxy_benchmarks::netns::Netns;
+use kproxy_benchmarks::{ClusterShape, desired_state, floor_service};
 use kproxy_iptables::exec::{Backend, Iptables};
 use kproxy_iptables::names::KUBE_SERVICES;
 use kproxy_iptables::render::RenderCache;
 use kproxy_iptables::sync::{SyncReport, Syncer};
 use kproxy_iptables::{Ruleset, Table, render};
 use kproxy_model::{DesiredState, IpFamily};
-
-/// A network namespace deleted when dropped, panics included.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Result<Netns> {
-        let name = format!("kpt-sync-bench-{}", std::process::id());
-        let status = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .context("ip netns add")?;
-        ensure!(
-            status.success(),
-            "ip netns add {name}: {status} (root needed)"
-        );
-        Ok(Netns(name))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 struct Args {
     shape: ClusterShape,
@@ -131,30 +107,6 @@ fn load() -> String {
         .unwrap_or_default()
 }
 
-/// One whole service (2 chains, 3 rules) shaped like a rendered one, added
-/// with `-I KUBE-SERVICES 1`, and the input that takes it out again.
-fn floor_service(round: usize) -> (String, String) {
-    let ip = Ipv4Addr::new(10, 111, (round / 250) as u8, (round % 250 + 1) as u8);
-    let ep = Ipv4Addr::new(10, 250, (round / 250) as u8, (round % 250 + 1) as u8);
-    let svc = format!("KUBE-SVC-FLOOR{round:011}");
-    let sep = format!("KUBE-SEP-FLOOR{round:011}");
-    let comment = format!("bench/floor{round}:http");
-    let entry = format!(
-        "-d {ip}/32 -p tcp -m comment --comment \"{comment} cluster IP\" -m tcp --dport 80 -j {svc}"
-    );
-    let add = format!(
-        "*nat\n:{svc} - [0:0]\n:{sep} - [0:0]\n\
-         -A {svc} -m comment --comment \"{comment} -> {ep}:8080\" -j {sep}\n\
-         -A {sep} -s {ep}/32 -m comment --comment {comment} -j KUBE-MARK-MASQ\n\
-         -A {sep} -p tcp -m comment --comment {comment} -m tcp -j DNAT --to-destination {ep}:8080\n\
-         -I {KUBE_SERVICES} 1 {entry}\nCOMMIT\n"
-    );
-    let remove = format!(
-        "*nat\n-D {KUBE_SERVICES} {entry}\n-F {svc}\n-F {sep}\n-X {svc}\n-X {sep}\nCOMMIT\n"
-    );
-    (add, remove)
-}
-
 /// Upstream's partial sync: `KUBE-SERVICES` written whole.
 fn services_rewrite(ruleset: &Ruleset) -> Result<String> {
     let chain = ruleset
@@ -189,8 +141,8 @@ fn timed_sync(syncer: &mut Syncer, ruleset: &Ruleset) -> Result<SyncReport> {
 fn main() -> Result<()> {
     let args = args()?;
     let shape = args.shape;
-    let ns = Netns::new()?;
-    let ipt = || Iptables::in_netns(IpFamily::V4, &ns.0).with_backend(args.backend);
+    let ns = Netns::add(format!("kpt-sync-bench-{}", std::process::id()))?;
+    let ipt = || Iptables::in_netns(IpFamily::V4, ns.name()).with_backend(args.backend);
     println!(
         "iptables sync bench: {} services x {} endpoints, {:?} backend, {} rounds; load {} at start",
         shape.services,

@@ -21,6 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use kproxy_benchmarks::netns::Netns;
 use kproxy_benchmarks::{ClusterShape, desired_state};
 use kproxy_ipvs::VirtualServerKey;
 use kproxy_ipvs::link::{KUBE_IPVS0, Rtnl};
@@ -32,7 +33,6 @@ use kproxy_model::{DesiredState, IpFamily};
 
 use crate::input::{CLUSTER_CIDR, Input, NODE, sorted_lines};
 use crate::kproxy_log;
-use crate::netns::Netns;
 use crate::report::{Change, FullSync, Results};
 use crate::sh::{checked, head, mem_total_mib, output, read_trimmed, verify};
 use crate::stats::{load, millis, secs};
@@ -122,7 +122,7 @@ pub fn run(input: &Input, plan: &Plan) -> Result<()> {
             spent.push(prev.unload()?);
         }
         if round < plan.ipvsadm_rounds {
-            let ns = Netns::add(name("adm", round))?;
+            let ns = namespace(name("adm", round))?;
             results
                 .ipvsadm
                 .push(ipvsadm_restore(input, &ns, &reference)?);
@@ -132,10 +132,10 @@ pub fn run(input: &Input, plan: &Plan) -> Result<()> {
         // The kproxy runs end the last rounds, so that the in-process sync
         // leaves the set loaded for what follows.
         if round + plan.rounds >= total {
-            let ns = Netns::add(name("bin", round))?;
+            let ns = namespace(name("bin", round))?;
             one_shot(input, &ns, round == 0, &reference, &shape, &mut results)?;
             spent.push(ns);
-            let ns = Netns::add(name("lib", round))?;
+            let ns = namespace(name("lib", round))?;
             loaded = Some(full_sync(ns, &config, &state, &reference, &mut results)?);
         }
     }
@@ -244,6 +244,16 @@ fn one_shot(
     results.one_shot_wall.push(wall);
     results.one_shot.push(phases);
     Ok(())
+}
+
+/// A new namespace with `lo` up. IPVS refuses a destination whose address
+/// type is not unicast, and until the namespace has a local table (its first
+/// address) every address counts as broadcast. A node has its addresses; here
+/// loopback's is enough.
+fn namespace(name: String) -> Result<Netns> {
+    let ns = Netns::add(name)?;
+    ns.set_lo_up()?;
+    Ok(ns)
 }
 
 /// kproxy's sync in process, into the empty namespace `ns`: the view of

@@ -30,7 +30,6 @@
 mod guest;
 mod input;
 mod kproxy_log;
-mod netns;
 mod report;
 mod sh;
 mod stats;
