@@ -58,6 +58,20 @@ struct Counters {
     save_nanos: AtomicU64,
 }
 
+/// A program's whole output, as text: what [`Iptables::save`] and
+/// [`Iptables::list_table`] return.
+fn read_text(out: &mut dyn BufRead) -> Result<String, ParseError> {
+    let mut bytes = Vec::new();
+    out.read_to_end(&mut bytes).map_err(|e| ParseError {
+        line: 0,
+        reason: format!("cannot read the output: {e}"),
+    })?;
+    String::from_utf8(bytes).map_err(|e| ParseError {
+        line: 0,
+        reason: format!("output is not UTF-8: {e}"),
+    })
+}
+
 fn add_time(counter: &AtomicU64, d: Duration) {
     counter.fetch_add(
         u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
@@ -198,30 +212,7 @@ impl Iptables {
 
     /// The output of `iptables-save -t TABLE`.
     pub fn save(&self, table: Table) -> Result<String, Error> {
-        let program = self.save_program();
-        let start = Instant::now();
-        let output = self
-            .command(&program)
-            .args(["-t", table.as_str()])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| self.spawn_error(&program, e))?;
-        self.counters.saves.fetch_add(1, Ordering::Relaxed);
-        add_time(&self.counters.save_nanos, start.elapsed());
-        if !output.status.success() {
-            return Err(Error::SaveFailed {
-                program,
-                table: table.as_str(),
-                status: output.status,
-                stderr: tidy_stderr(&String::from_utf8_lossy(&output.stderr)),
-            });
-        }
-        String::from_utf8(output.stdout).map_err(|e| Error::SaveUnparseable {
-            program,
-            table: table.as_str(),
-            line: 0,
-            reason: format!("output is not UTF-8: {e}"),
-        })
+        self.save_with(table, read_text)
     }
 
     /// The output of `iptables-save` for every table. The legacy backend is read
@@ -250,30 +241,7 @@ impl Iptables {
     /// whichever is asked for, so this is far cheaper for a small table beside
     /// a big one. Counted as a save in [`Iptables::stats`].
     pub fn list_table(&self, table: Table) -> Result<String, Error> {
-        let program = self.cli_program();
-        let start = Instant::now();
-        let output = self
-            .command(&program)
-            .args(["-w", LOCK_WAIT_SECONDS, "-t", table.as_str(), "-S"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| self.spawn_error(&program, e))?;
-        self.counters.saves.fetch_add(1, Ordering::Relaxed);
-        add_time(&self.counters.save_nanos, start.elapsed());
-        if !output.status.success() {
-            return Err(Error::SaveFailed {
-                program: format!("{program} -S"),
-                table: table.as_str(),
-                status: output.status,
-                stderr: tidy_stderr(&String::from_utf8_lossy(&output.stderr)),
-            });
-        }
-        String::from_utf8(output.stdout).map_err(|e| Error::SaveUnparseable {
-            program: format!("{program} -S"),
-            table: table.as_str(),
-            line: 0,
-            reason: format!("output is not UTF-8: {e}"),
-        })
+        self.list_table_with(table, read_text)
     }
 
     /// [`list_table`](Iptables::list_table), its output handed to `read` as
