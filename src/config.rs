@@ -574,32 +574,7 @@ nodePortAddresses: [primary]
 iptables: {masqueradeAll: true, masqueradeBit: 5, localhostNodePorts: false}
 ipvs: {scheduler: sh, strictARP: true, excludeCIDRs: [10.1.0.0/16], tcpTimeout: 1s, tcpFinTimeout: 2s, udpTimeout: 3s, syncPeriod: 9s, minSyncPeriod: 8s}
 "#;
-        let a = merged(
-            text,
-            &[
-                "--mode=iptables",
-                "--cluster-cidr=10.0.0.0/8",
-                "--healthz-bind-address=127.0.0.1:1",
-                "--metrics-bind-address=",
-                "--hostname-override=from-flag",
-                "--kubeconfig=/from/flag",
-                "--detect-local-mode=ClusterCIDR",
-                "--pod-bridge-interface=br-flag",
-                "--pod-interface-name-prefix=flag",
-                "--nodeport-addresses=192.168.0.0/16",
-                "--masquerade-all=false",
-                "--iptables-masquerade-bit=14",
-                "--iptables-localhost-nodeports=true",
-                "--ipvs-scheduler=rr",
-                "--ipvs-strict-arp=false",
-                "--ipvs-exclude-cidrs=10.2.0.0/16",
-                "--ipvs-tcp-timeout=4s",
-                "--ipvs-tcpfin-timeout=5s",
-                "--ipvs-udp-timeout=6s",
-            ],
-        )
-        .unwrap();
-        let (flags_only, _) = cli(&[
+        let flags = [
             "--mode=iptables",
             "--cluster-cidr=10.0.0.0/8",
             "--healthz-bind-address=127.0.0.1:1",
@@ -619,7 +594,9 @@ ipvs: {scheduler: sh, strictARP: true, excludeCIDRs: [10.1.0.0/16], tcpTimeout: 
             "--ipvs-tcp-timeout=4s",
             "--ipvs-tcpfin-timeout=5s",
             "--ipvs-udp-timeout=6s",
-        ]);
+        ];
+        let a = merged(text, &flags).unwrap();
+        let (flags_only, _) = cli(&flags);
         // Nothing of the file is left once every flag it sets is given.
         assert_eq!(format!("{a:?}"), format!("{flags_only:?}"));
     }

@@ -89,17 +89,6 @@ pub fn node_object_addresses(node: Option<&NodeInfo>) -> Vec<IpAddr> {
     .unwrap_or_default()
 }
 
-/// Everything kproxy programs for one family.
-fn desired_for(
-    state: &DesiredState,
-    family: IpFamily,
-    settings: &IpvsSettings,
-    node_addrs: &[IpAddr],
-    overrides: &SchedulerOverrides,
-) -> IpvsDesired {
-    plan::desired(state, family, settings, node_addrs, overrides)
-}
-
 /// `--dry-run`: the virtual servers, kube-ipvs0 addresses and glue of each
 /// family, on standard output.
 pub fn print(
@@ -112,7 +101,7 @@ pub fn print(
     let stdout = io::stdout();
     let mut out = BufWriter::with_capacity(1 << 20, stdout.lock());
     for &family in families {
-        let desired = desired_for(state, family, settings, node_addrs, overrides);
+        let desired = plan::desired(state, family, settings, node_addrs, overrides);
         writeln!(out, "# kproxy --dry-run --mode ipvs: {family}")?;
         out.write_all(kproxy_ipvs::dump::dump(&desired).as_bytes())?;
     }
@@ -181,7 +170,7 @@ pub fn desired_all(
     let node_addrs = machine_addresses(syncer)?;
     Ok(families
         .iter()
-        .map(|&f| desired_for(state, f, syncer.settings(), &node_addrs, overrides))
+        .map(|&f| plan::desired(state, f, syncer.settings(), &node_addrs, overrides))
         .collect())
 }
 
