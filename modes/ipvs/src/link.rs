@@ -17,6 +17,8 @@ use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
+use kproxy_model::IpFamily;
+
 use crate::error::{Error, Result};
 use socket::RtnlSocket;
 
@@ -191,12 +193,25 @@ impl Rtnl {
     /// One address the kernel refuses is logged and reported in
     /// [`AddressSync::failed`]; the others are still carried out.
     pub fn sync_addresses(&mut self, name: &str, wanted: &BTreeSet<IpAddr>) -> Result<AddressSync> {
+        self.sync_family_addresses(name, &IpFamily::all(), wanted)
+    }
+
+    /// [`sync_addresses`](Rtnl::sync_addresses) for the addresses of
+    /// `families` only: those of another family stay bound, whatever
+    /// `wanted` says.
+    pub fn sync_family_addresses(
+        &mut self,
+        name: &str,
+        families: &[IpFamily],
+        wanted: &BTreeSet<IpAddr>,
+    ) -> Result<AddressSync> {
         let index = self.ensure_dummy(name)?;
         let bound: Vec<(IpAddr, u8)> = self
             .bound(index)
             .map_err(|e| relabel(e, name))?
             .into_iter()
             .filter(|(addr, _)| !is_ipv6_link_local(addr))
+            .filter(|(addr, _)| families.contains(&IpFamily::of(addr)))
             .collect();
         let bound_ips: BTreeSet<IpAddr> = bound.iter().map(|(addr, _)| *addr).collect();
         let mut sync = AddressSync::default();

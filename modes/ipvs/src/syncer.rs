@@ -342,12 +342,15 @@ impl IpvsSyncer {
             self.view = Some(view);
         }
 
+        let synced: Vec<IpFamily> = desired.iter().map(|d| d.family).collect();
         let wanted: BTreeSet<IpAddr> = desired
             .iter()
             .flat_map(|d| d.bind_addrs.iter().copied())
-            .chain(self.bound_of_other_families(desired))
             .collect();
-        let addresses = match self.rtnl.sync_addresses(KUBE_IPVS0, &wanted) {
+        let addresses = match self
+            .rtnl
+            .sync_family_addresses(KUBE_IPVS0, &synced, &wanted)
+        {
             Ok(a) => {
                 if !a.failed.is_empty() {
                     errors.push(SyncError::Addresses(a.failed.clone()));
@@ -503,20 +506,5 @@ impl IpvsSyncer {
             .map_err(SyncError::Modules)?;
         self.schedulers.extend(wanted);
         Ok(())
-    }
-
-    /// kube-ipvs0 addresses of families this sync leaves out: kept bound.
-    fn bound_of_other_families(&mut self, desired: &[IpvsDesired]) -> Vec<IpAddr> {
-        let synced: BTreeSet<IpFamily> = desired.iter().map(|d| d.family).collect();
-        if synced.len() == IpFamily::all().len() {
-            return Vec::new();
-        }
-        match self.bound_addresses() {
-            Ok(bound) => bound
-                .into_iter()
-                .filter(|a| !synced.contains(&IpFamily::of(a)))
-                .collect(),
-            Err(_) => Vec::new(),
-        }
     }
 }

@@ -45,6 +45,7 @@ mod in_vm {
     use kproxy_ipvs::link::{AddressSync, KUBE_IPVS0, Rtnl};
     use kproxy_ipvs::modules::{ModuleState, Modules, required_modules};
     use kproxy_ipvs::sysctl::{Change, Sysctl};
+    use kproxy_model::IpFamily;
     use kproxy_vm_runner::in_vm_or_skip;
 
     fn ip(args: &str) -> String {
@@ -280,6 +281,27 @@ mod in_vm {
                 .unwrap(),
             AddressSync::default()
         );
+
+        // A sync of one family leaves the other family's addresses bound.
+        let sync = rtnl
+            .sync_family_addresses(KUBE_IPVS0, &[IpFamily::V4], &set(&["10.96.0.11"]))
+            .unwrap();
+        assert_eq!(
+            sync,
+            AddressSync {
+                added: addrs(&["10.96.0.11"]),
+                removed: addrs(&["10.96.0.10"]),
+                failed: vec![],
+            }
+        );
+        assert_eq!(
+            ip_addresses(KUBE_IPVS0),
+            ["10.96.0.11/32", "fd00::2/128", "fe80::99/64"]
+                .map(String::from)
+                .into()
+        );
+        rtnl.sync_addresses(KUBE_IPVS0, &set(&["10.96.0.10", "fd00::2"]))
+            .unwrap();
 
         // Single operations say whether they changed anything.
         let vip: IpAddr = "10.96.0.10".parse().unwrap();
